@@ -1,0 +1,96 @@
+"""The `hotswap` command. Heavy modules (torch, the engine) are imported inside the commands that
+need them, so `hotswap --help` stays instant and API-only installs work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="hotswap: serve many fine-tunes of one base LLM from your own GPUs.\n\n"
+    "New here? Try:  hotswap models fetch-demo  then  hotswap generate --prompt 'Hello' --chat",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="Base models: fetch the demo model.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+err = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    """One readable line on stderr and a non-zero exit: how every CLI error ends."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code=1)
+
+
+@models_app.command("fetch-demo")
+def fetch_demo(
+    root: Annotated[Optional[Path], typer.Option(help="Models dir (default: ~/.cache/hotswap/models, or HOTSWAP_MODELS_DIR).")] = None,
+) -> None:
+    """Download and convert the demo model (SmolLM2-135M-Instruct) once; later runs are instant."""
+    from hotswap.demo_model import fetch_demo_model
+
+    try:
+        path = fetch_demo_model(root, log=lambda m: err.print(m, highlight=False))
+    except Exception as exc:  # network, disk, conversion: say what failed in one line
+        fail(f"could not fetch the demo model: {exc}")
+    print(path)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The text to continue (or the user message with --chat).")],
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = False,
+    model: Annotated[Optional[Path], typer.Option(help="A Hugging Face model dir (default: the demo model).")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    top_k: Annotated[int, typer.Option(min=0)] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Makes sampling reproducible.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Run the engine once from the shell and stream the answer to stdout."""
+    from hotswap.demo_model import demo_model_dir, fetch_demo_model
+
+    if model is None:
+        model = demo_model_dir()
+        if not (model / "config.json").exists():
+            err.print("demo model not found: fetching it once ...")
+            model = fetch_demo_model(log=lambda m: err.print(m, highlight=False))
+    elif not (model / "config.json").exists():
+        fail(f"{model} is not a model dir (no config.json)")
+
+    from worker.engine.config import EngineConfig
+    from worker.engine.engine import LLMEngine
+    from worker.engine.sampling_params import SamplingParams
+
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p or 1.0,
+                                top_k=top_k, seed=seed, stop=stop or [])
+        engine = LLMEngine(EngineConfig(model=model, device=device, max_num_seqs=1, max_num_batched_tokens=2048))
+        text = prompt
+        if chat:
+            text = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            text_ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            text_ids = engine.tokenizer.encode(text)
+        finish = None
+        for out in engine.generate_stream(text_ids, params):
+            print(out.text, end="", flush=True)
+            finish = out.finish_reason
+        print()
+        err.print(f"[dim]finish_reason={finish}[/]")
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

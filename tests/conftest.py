@@ -1,0 +1,29 @@
+"""Shared fixtures: the real demo model (fetched once into the user cache) and its HF twin."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir():
+    from hotswap.demo_model import fetch_demo_model
+
+    return fetch_demo_model(log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def hf_demo_model(demo_model_dir):
+    """transformers' own Llama on the same weights, in float32: the reference the engine must match."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(demo_model_dir):
+    from hotswap.tokenizer import Tokenizer
+
+    return Tokenizer(demo_model_dir)

@@ -1,0 +1,118 @@
+"""The per-step planner: which sequences run in the next engine step, and how many tokens each.
+
+Continuous batching: sequences join and leave between steps. Every running sequence that is
+decoding gets one token; what is left of the token budget goes to prompt chunks (chunked
+prefill), running ones first, then waiting ones in arrival order. When the KV cache is full, the
+newest running sequence is preempted: its blocks are freed and it recomputes later (no request is
+lost, and greedy output is unchanged because recompute rebuilds the same KV).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from worker.engine.block_manager import BlockManager
+from worker.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the sequence's end, so its last logits pick a new token."""
+        return self.num_tokens == self.seq.num_uncomputed
+
+
+@dataclass
+class StepPlan:
+    decodes: list[ScheduledChunk] = field(default_factory=list)  # one token each
+    prefills: list[ScheduledChunk] = field(default_factory=list)  # chunks of several tokens
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def chunks(self) -> list[ScheduledChunk]:
+        return self.decodes + self.prefills  # the packed token order of the step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    def __bool__(self) -> bool:
+        return bool(self.decodes or self.prefills)
+
+
+class Batcher:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def plan(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self.max_num_batched_tokens
+        # 1. Running sequences, oldest first; preempt the newest when blocks run out.
+        self.running.sort(key=lambda s: s.arrival)
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed, budget)
+            while not self.blocks.can_allocate(seq.block_table, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                if victim is seq:
+                    break
+                self._preempt(victim, plan)
+            else:
+                self.blocks.allocate(seq.block_table, seq.num_computed_tokens + n)
+                self._add_chunk(plan, seq, n)
+                budget -= n
+                i += 1
+                continue
+            self._preempt(seq, plan)  # not even this one fits: it waits for others to finish
+        if plan.preempted:
+            return plan  # memory is short: admitting newcomers now would only thrash
+        # 2. Waiting sequences in arrival order, while the budget, seat count and blocks allow.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed, budget)
+            if not self.blocks.can_allocate(seq.block_table, seq.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq.block_table, seq.num_computed_tokens + n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self._add_chunk(plan, seq, n)
+            budget -= n
+        return plan
+
+    def _add_chunk(self, plan: StepPlan, seq: Sequence, n: int) -> None:
+        (plan.decodes if n == 1 else plan.prefills).append(ScheduledChunk(seq, n))
+
+    def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        # Back to the front (oldest first) so it resumes before newer arrivals.
+        self.waiting.appendleft(seq)
+        plan.preempted.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.block_table)

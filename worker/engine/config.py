@@ -1,0 +1,50 @@
+"""Engine settings, validated with messages a user can act on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class EngineConfig:
+    model: str | Path
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    block_size: int = 16
+    num_blocks: int | None = None  # None: sized from kv_cache_gb (CPU) or gpu_memory_utilization (GPU)
+    kv_cache_gb: float = 1.0  # CPU KV cache size when num_blocks is None
+    gpu_memory_utilization: float = 0.85  # fraction of the GPU the engine may use, weights included
+    max_num_seqs: int = 64  # sequences in flight at once
+    max_num_batched_tokens: int = 1024  # tokens per step (prefill chunks + decodes)
+    max_model_len: int | None = None  # prompt + output cap (default: the model's, at most 32k)
+
+    def __post_init__(self):
+        if self.block_size < 8 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 8, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be at least max_num_seqs (every decode needs a token)")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError("num_blocks must be >= 1")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' asked for but no CUDA device is available")
+        return device
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if self.dtype not in names:
+            raise ValueError(f"dtype must be one of auto, {', '.join(names)}; got {self.dtype!r}")
+        return names[self.dtype]

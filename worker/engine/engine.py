@@ -1,0 +1,244 @@
+"""The engine: one resident model, a paged KV cache, continuous batching.
+
+    engine = LLMEngine(EngineConfig(model="path/to/hf-dir"))
+    engine.add_request("Hello", SamplingParams(max_tokens=32), request_id="r1")
+    while engine.has_unfinished():
+        for out in engine.step():  # RequestOutput deltas: new tokens and text
+            ...
+
+A server drives `step()` itself and routes each output to its request; `generate` and
+`generate_stream` are conveniences for a dedicated engine (CLI, tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hotswap.tokenizer import Tokenizer
+from worker.engine.batcher import Batcher, ScheduledChunk
+from worker.engine.block_manager import BlockManager, blocks_needed
+from worker.engine.config import EngineConfig
+from worker.engine.detokenizer import IncrementalDetokenizer
+from worker.engine.model_runner import ModelRunner
+from worker.engine.sampler import sample
+from worker.engine.sampling_params import SamplingParams
+from worker.engine.sequence import Sequence, SequenceStatus
+from worker.models.loader import load_model
+
+_MAX_DEFAULT_MODEL_LEN = 32768
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (a delta, for streaming)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text: str  # new text since the last output
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    num_prompt_tokens: int
+    num_output_tokens: int
+    logits: torch.Tensor | None = None  # [vocab] float32, only with SamplingParams.return_logits
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logits: list[torch.Tensor] = field(default_factory=list)  # per generated token, if asked for
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype(self.device)
+        model_dir = Path(config.model)
+        self.model = load_model(model_dir, self.dtype, self.device)
+        self.model_config = self.model.config
+        self.tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").exists() else None
+        num_blocks = config.num_blocks or self._auto_num_blocks()
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.batcher = Batcher(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        model_len = config.max_model_len or min(self.model_config.max_position, _MAX_DEFAULT_MODEL_LEN)
+        # A request must fit the cache on its own, or preemption could never make room for it.
+        self.max_model_len = min(model_len, num_blocks * config.block_size)
+        eos = set(self.model_config.eos_token_ids)
+        if self.tokenizer and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self._seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._arrivals = itertools.count()
+
+    def _auto_num_blocks(self) -> int:
+        per_block = ModelRunner.kv_bytes_per_block(self.model, self.config.block_size, self.dtype)
+        if self.device.type != "cuda":
+            return max(1, int(self.config.kv_cache_gb * 2**30) // per_block)
+        free, total = torch.cuda.mem_get_info(self.device)
+        cfg = self.model_config
+        # Head-room for one step's activations and logits, so the cache never starves the forward pass.
+        act = self.config.max_num_batched_tokens * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * 4
+        act += self.config.max_num_seqs * cfg.vocab_size * 4 * 3
+        budget = total * self.config.gpu_memory_utilization - (total - free) - act
+        if budget < per_block * 16:
+            raise ValueError("not enough GPU memory left for a KV cache: lower max_num_batched_tokens or raise gpu_memory_utilization")
+        return int(budget // per_block)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._seqs:
+            raise ValueError(f"request id {request_id!r} is already in the engine")
+        token_ids = self._tokenize(prompt)
+        if len(token_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"maximum context length of {self.max_model_len} tokens"
+            )
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq = Sequence(request_id, token_ids, params, next(self._arrivals), generator=generator)
+        self._seqs[request_id] = seq
+        if self.tokenizer is not None:
+            self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
+        elif params.stop:
+            raise ValueError("stop strings need a tokenizer, and this model dir has none")
+        self.batcher.add(seq)
+        return request_id
+
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model dir has no tokenizer: pass token ids")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = [int(t) for t in prompt]
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        return token_ids
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is; frees its KV blocks at once. False if it is unknown/finished."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self._detok.pop(request_id, None)
+        self.batcher.remove(seq)
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.batcher.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.batcher.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.batcher.waiting)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.batcher.plan()
+        if not plan:
+            return []
+        logits = self.runner.run(plan, self.blocks)  # [num_sampling, vocab]
+        sampling = [c for c in plan.chunks if c.samples]
+        for chunk in plan.chunks:
+            chunk.seq.num_computed_tokens += chunk.num_tokens
+        if not sampling:
+            return []
+        tokens = sample(logits, [c.seq for c in sampling])
+        return [self._append(c, t, logits[i]) for i, (c, t) in enumerate(zip(sampling, tokens))]
+
+    def _append(self, chunk: ScheduledChunk, token: int, logits: torch.Tensor) -> RequestOutput:
+        seq, params = chunk.seq, chunk.seq.params
+        seq.output_token_ids.append(token)
+        detok = self._detok.get(seq.request_id)
+        text, reason = "", None
+        if not params.ignore_eos and token in self.eos_token_ids or token in params.stop_token_ids:
+            reason = "stop"
+        elif detok is not None:
+            text, hit_stop = detok.add(token)
+            reason = "stop" if hit_stop else None
+        if reason is None and (len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            text += detok.flush() if detok is not None else ""
+            self._finish(seq, reason)
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=[token],
+            text=text,
+            finished=reason is not None,
+            finish_reason=reason,
+            num_prompt_tokens=len(seq.prompt_token_ids),
+            num_output_tokens=len(seq.output_token_ids),
+            logits=logits.clone() if params.return_logits else None,
+        )
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        self.batcher.remove(seq)
+        self._seqs.pop(seq.request_id, None)
+        self._detok.pop(seq.request_id, None)
+
+    # -- conveniences for a dedicated engine ----------------------------------------------------
+
+    def generate_stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Add one request and drive the engine until it finishes, yielding its deltas."""
+        request_id = self.add_request(prompt, params)
+        try:
+            while True:
+                for out in self.step():
+                    if out.request_id == request_id:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.abort(request_id)  # a caller that stops iterating frees the request's blocks
+
+    def generate(self, prompts: list[str] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[GenerationResult]:
+        """Run all prompts together (continuous batching) and return results in prompt order."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        results = {
+            rid: GenerationResult(rid, self._seqs[rid].prompt_token_ids, [], "", "") for rid in ids
+        }
+        while self.has_unfinished():
+            for out in self.step():
+                res = results.get(out.request_id)
+                if res is None:
+                    continue  # someone else's request sharing this engine
+                res.token_ids += out.new_token_ids
+                res.text += out.text
+                if out.logits is not None:
+                    res.logits.append(out.logits)
+                if out.finished:
+                    res.finish_reason = out.finish_reason
+        return [results[rid] for rid in ids]

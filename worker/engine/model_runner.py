@@ -1,0 +1,79 @@
+"""Runs one planned step on the model: packs tokens, builds attention metadata, returns logits."""
+
+from __future__ import annotations
+
+import torch
+
+from worker.engine.batcher import ScheduledChunk, StepPlan
+from worker.engine.block_manager import BlockManager
+from worker.models.attention import AttentionMetadata
+from worker.models.llama import LlamaForCausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int):
+        cfg = model.config
+        self.model = model
+        self.device = model.embed_tokens.weight.device
+        self.dtype = model.embed_tokens.weight.dtype
+        self.block_size = block_size
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # One (k, v) pair of [num_blocks, block_size, num_kv_heads, head_dim] per layer.
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(cfg.num_layers)
+        ]
+
+    @staticmethod
+    def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+        cfg = model.config
+        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan, blocks: BlockManager) -> torch.Tensor:
+        """Logits [num_sampling_chunks, vocab] float32, in the order of plan.chunks that sample."""
+        input_ids, positions, slots, sample_rows = [], [], [], []
+        for chunk in plan.chunks:
+            seq, start = chunk.seq, chunk.seq.num_computed_tokens
+            for pos in range(start, start + chunk.num_tokens):
+                input_ids.append(seq.token_at(pos))
+                positions.append(pos)
+                slots.append(blocks.slot(seq.block_table, pos))
+            if chunk.samples:
+                sample_rows.append(len(input_ids) - 1)
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots, torch.int64),
+            num_decode_tokens=len(plan.decodes),
+            decode_block_tables=self._block_tables(plan.decodes),
+            decode_context_lens=self._context_lens(plan.decodes),
+            prefill_block_tables=self._block_tables(plan.prefills),
+            prefill_cu_seqlens=self._cu_seqlens(plan.prefills),
+            prefill_context_lens=self._context_lens(plan.prefills),
+        )
+        hidden = self.model(self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), self.kv_caches, meta)
+        # Only the rows that pick a token need the (large) vocab projection.
+        return self.model.compute_logits(hidden[self._tensor(sample_rows, torch.int64)])
+
+    def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+    def _block_tables(self, chunks: list[ScheduledChunk]) -> torch.Tensor | None:
+        if not chunks:
+            return None
+        width = max(len(c.seq.block_table) for c in chunks)
+        rows = [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks]
+        return self._tensor(rows, torch.int32)  # [num_seqs, max_blocks]
+
+    def _context_lens(self, chunks: list[ScheduledChunk]) -> torch.Tensor | None:
+        if not chunks:
+            return None
+        return self._tensor([c.seq.num_computed_tokens + c.num_tokens for c in chunks], torch.int32)
+
+    def _cu_seqlens(self, chunks: list[ScheduledChunk]) -> torch.Tensor | None:
+        if not chunks:
+            return None
+        cu = [0]
+        for c in chunks:
+            cu.append(cu[-1] + c.num_tokens)
+        return self._tensor(cu, torch.int32)
