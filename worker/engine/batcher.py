@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from worker.engine.block_manager import BlockManager
 from worker.engine.sequence import Sequence, SequenceStatus
@@ -45,11 +46,19 @@ class StepPlan:
         return bool(self.decodes or self.prefills)
 
 
+class AdapterSlots(Protocol):
+    def acquire(self, name: str) -> int | None: ...
+    def release(self, slot: int) -> None: ...
+
+
 class Batcher:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 lora_slots: AdapterSlots | None = None):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.lora_slots = lora_slots
+        self.current_finetune: str | None = None  # whose full weights are in the model now
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -58,6 +67,12 @@ class Batcher:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def needs_swap(self) -> bool:
+        """Whether the oldest waiting request needs other full weights and nothing runs on the old
+        ones any more: then swap to `waiting[0].finetune`. Swapping only for the oldest request
+        means no request starves, and requests of one fine-tune run together."""
+        return not self.running and bool(self.waiting) and self.waiting[0].finetune != self.current_finetune
 
     def plan(self) -> StepPlan:
         plan = StepPlan()
@@ -81,27 +96,52 @@ class Batcher:
                 continue
             self._preempt(seq, plan)  # not even this one fits: it waits for others to finish
         if plan.preempted:
-            return plan  # memory is short: admitting newcomers now would only thrash
+            return self._ordered(plan)  # memory is short: admitting newcomers now would only thrash
         # 2. Waiting sequences in arrival order, while the budget, seat count and blocks allow.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        #    Skipped for now: those needing other full weights, or an adapter with no free slot.
+        #    When the oldest waiting request needs other weights, admit nobody: drain, then swap.
+        if self.waiting and self.waiting[0].finetune != self.current_finetune:
+            return self._ordered(plan)
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if seq.finetune != self.current_finetune:
+                continue
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.can_allocate(seq.block_table, seq.num_computed_tokens + n):
                 break
-            self.waiting.popleft()
+            if seq.adapter is not None:
+                slot = self.lora_slots.acquire(seq.adapter) if self.lora_slots else None
+                if slot is None:
+                    continue  # every slot busy with running adapters: wait for one to free up
+                seq.lora_slot = slot
+            self.waiting.remove(seq)
             self.blocks.allocate(seq.block_table, seq.num_computed_tokens + n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self._add_chunk(plan, seq, n)
             budget -= n
+        return self._ordered(plan)
+
+    @staticmethod
+    def _ordered(plan: StepPlan) -> StepPlan:
+        # Tokens of one adapter must be contiguous for the LoRA kernels (one segment per adapter).
+        plan.decodes.sort(key=lambda c: c.seq.lora_slot)
+        plan.prefills.sort(key=lambda c: c.seq.lora_slot)
         return plan
 
     def _add_chunk(self, plan: StepPlan, seq: Sequence, n: int) -> None:
         (plan.decodes if n == 1 else plan.prefills).append(ScheduledChunk(seq, n))
 
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.free(seq.block_table)
+        if seq.lora_slot >= 0:
+            self.lora_slots.release(seq.lora_slot)
+            seq.lora_slot = -1
+
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
         self.running.remove(seq)
-        self.blocks.free(seq.block_table)
+        self._release(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
@@ -115,4 +155,4 @@ class Batcher:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free(seq.block_table)
+        self._release(seq)

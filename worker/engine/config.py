@@ -20,6 +20,10 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences in flight at once
     max_num_batched_tokens: int = 1024  # tokens per step (prefill chunks + decodes)
     max_model_len: int | None = None  # prompt + output cap (default: the model's, at most 32k)
+    max_loras: int = 0  # LoRA adapters resident on the device at once (0: LoRA off, no buffers)
+    max_lora_rank: int = 64  # adapters of higher rank are refused; a multiple of 16
+    max_cpu_loras: int | None = None  # adapters kept in (pinned) host memory (default 4 x max_loras)
+    max_cpu_finetunes: int = 2  # full fine-tunes kept in host memory besides the base
 
     def __post_init__(self):
         if self.block_size < 8 or self.block_size & (self.block_size - 1):
@@ -32,6 +36,10 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError("num_blocks must be >= 1")
+        if self.max_loras < 0:
+            raise ValueError("max_loras must be >= 0")
+        if self.max_lora_rank < 16 or self.max_lora_rank % 16:
+            raise ValueError(f"max_lora_rank must be a positive multiple of 16, got {self.max_lora_rank}")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -13,6 +13,7 @@ A server drives `step()` itself and routes each output to its request; `generate
 from __future__ import annotations
 
 import itertools
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,7 +30,11 @@ from worker.engine.model_runner import ModelRunner
 from worker.engine.sampler import sample
 from worker.engine.sampling_params import SamplingParams
 from worker.engine.sequence import Sequence, SequenceStatus
+from worker.lora.layer import LoraRuntime
+from worker.lora.layout import StackedAdapter, stack_adapter
+from worker.lora.slots import LoraSlots
 from worker.models.loader import load_model
+from worker.swap import FullModelSwapper
 
 _MAX_DEFAULT_MODEL_LEN = 32768
 
@@ -67,10 +72,20 @@ class LLMEngine:
         self.model = load_model(model_dir, self.dtype, self.device)
         self.model_config = self.model.config
         self.tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").exists() else None
+        self._base_config_raw = json.loads((model_dir / "config.json").read_text())
+        self.lora_slots, lora_runtime = None, None
+        if config.max_loras > 0:
+            self.lora_slots = LoraSlots(
+                self.model_config, config.max_loras, config.max_lora_rank,
+                config.max_cpu_loras or 4 * config.max_loras, self.device, self.dtype, self._read_adapter,
+            )
+            lora_runtime = LoraRuntime(self.model, self.lora_slots)
+        self._adapters: dict[str, tuple[Path, object]] = {}  # name -> (dir, adapters.format info)
+        self._swapper: FullModelSwapper | None = None  # made on the first full fine-tune
         num_blocks = config.num_blocks or self._auto_num_blocks()
         self.blocks = BlockManager(num_blocks, config.block_size)
-        self.batcher = Batcher(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self.batcher = Batcher(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, self.lora_slots)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, lora_runtime)
         model_len = config.max_model_len or min(self.model_config.max_position, _MAX_DEFAULT_MODEL_LEN)
         # A request must fit the cache on its own, or preemption could never make room for it.
         self.max_model_len = min(model_len, num_blocks * config.block_size)
@@ -96,14 +111,63 @@ class LLMEngine:
             raise ValueError("not enough GPU memory left for a KV cache: lower max_num_batched_tokens or raise gpu_memory_utilization")
         return int(budget // per_block)
 
+    # -- adapters and fine-tunes ------------------------------------------------------------------
+
+    def register_adapter(self, name: str, path: str | Path) -> None:
+        """Make a PEFT LoRA adapter dir servable as `name` (validated now, loaded on first use).
+        Registering a name again replaces its weights for requests added afterwards."""
+        from adapters.format import inspect_lora_adapter
+
+        if self.lora_slots is None:
+            raise ValueError("LoRA is disabled in this engine: start it with max_loras > 0")
+        info = inspect_lora_adapter(Path(path), self._base_config_raw, max_rank=self.config.max_lora_rank)
+        self._adapters[name] = (Path(path), info)
+        self.lora_slots.forget(name)
+
+    def unregister_adapter(self, name: str) -> None:
+        self._adapters.pop(name, None)
+        if self.lora_slots is not None:
+            self.lora_slots.forget(name)
+
+    def _read_adapter(self, name: str) -> StackedAdapter:
+        from adapters.format import load_lora_tensors
+
+        path, info = self._adapters[name]
+        pin = self.device.type == "cuda"
+        tensors = load_lora_tensors(path, info)
+        return stack_adapter(name, tensors, info.rank, info.scaling, self.model_config,
+                             self.config.max_lora_rank, self.dtype, pin=pin)
+
+    def register_finetune(self, name: str, path: str | Path) -> None:
+        """Make a full fine-tune (same architecture and dims as the base) servable as `name`."""
+        if self._swapper is None:
+            self._swapper = FullModelSwapper(self.model, self.config.max_cpu_finetunes)
+        self._swapper.register(name, path)
+
+    @property
+    def adapters(self) -> list[str]:
+        return sorted(self._adapters)
+
+    @property
+    def finetunes(self) -> list[str]:
+        return sorted(self._swapper.paths) if self._swapper else []
+
     # -- requests -------------------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, adapter: str | None = None,
+                    finetune: str | None = None) -> str:
+        """Queue a request for the base model, a LoRA `adapter`, or a full `finetune` (by name)."""
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in the engine")
+        if adapter is not None and adapter not in self._adapters:
+            raise ValueError(f"no LoRA adapter named {adapter!r} is registered")
+        if finetune is not None and finetune not in self.finetunes:
+            raise ValueError(f"no full fine-tune named {finetune!r} is registered")
+        if adapter is not None and finetune is not None:
+            raise ValueError("a request names a LoRA adapter or a full fine-tune, not both")
         token_ids = self._tokenize(prompt)
         if len(token_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
@@ -113,7 +177,8 @@ class LLMEngine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        seq = Sequence(request_id, token_ids, params, next(self._arrivals), generator=generator)
+        seq = Sequence(request_id, token_ids, params, next(self._arrivals), generator=generator,
+                       adapter=adapter, finetune=finetune)
         self._seqs[request_id] = seq
         if self.tokenizer is not None:
             self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
@@ -160,6 +225,10 @@ class LLMEngine:
     # -- the loop -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.batcher.needs_swap():
+            target = self.batcher.waiting[0].finetune
+            self._swapper.swap_to(target)
+            self.batcher.current_finetune = target
         plan = self.batcher.plan()
         if not plan:
             return []
@@ -220,13 +289,19 @@ class LLMEngine:
             self.abort(request_id)  # a caller that stops iterating frees the request's blocks
 
     def generate(self, prompts: list[str] | list[list[int]],
-                 params: SamplingParams | list[SamplingParams] | None = None) -> list[GenerationResult]:
-        """Run all prompts together (continuous batching) and return results in prompt order."""
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 adapters: list[str | None] | None = None,
+                 finetunes: list[str | None] | None = None) -> list[GenerationResult]:
+        """Run all prompts together (continuous batching) and return results in prompt order.
+        `adapters` / `finetunes`: per prompt, the LoRA or full fine-tune to use (None = base)."""
+        n = len(prompts)
         if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError("give one SamplingParams, or one per prompt")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+            params = [params or SamplingParams()] * n
+        adapters, finetunes = adapters or [None] * n, finetunes or [None] * n
+        if not len(params) == len(adapters) == len(finetunes) == n:
+            raise ValueError("give one SamplingParams (or adapter, fine-tune) per prompt")
+        ids = [self.add_request(p, sp, adapter=a, finetune=f)
+               for p, sp, a, f in zip(prompts, params, adapters, finetunes)]
         results = {
             rid: GenerationResult(rid, self._seqs[rid].prompt_token_ids, [], "", "") for rid in ids
         }

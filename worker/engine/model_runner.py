@@ -11,9 +11,10 @@ from worker.models.llama import LlamaForCausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int):
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, lora=None):
         cfg = model.config
         self.model = model
+        self.lora = lora  # LoraRuntime when adapters are enabled
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
         self.block_size = block_size
@@ -33,15 +34,18 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, plan: StepPlan, blocks: BlockManager) -> torch.Tensor:
         """Logits [num_sampling_chunks, vocab] float32, in the order of plan.chunks that sample."""
-        input_ids, positions, slots, sample_rows = [], [], [], []
+        input_ids, positions, slots, sample_rows, lora_slots = [], [], [], [], []
         for chunk in plan.chunks:
             seq, start = chunk.seq, chunk.seq.num_computed_tokens
             for pos in range(start, start + chunk.num_tokens):
                 input_ids.append(seq.token_at(pos))
                 positions.append(pos)
                 slots.append(blocks.slot(seq.block_table, pos))
+            lora_slots += [seq.lora_slot] * chunk.num_tokens
             if chunk.samples:
                 sample_rows.append(len(input_ids) - 1)
+        if self.lora is not None:
+            self.lora.prepare(lora_slots)
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots, torch.int64),
             num_decode_tokens=len(plan.decodes),

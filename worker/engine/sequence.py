@@ -16,7 +16,7 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a request is itself, whatever its fields
 class Sequence:
     request_id: str
     prompt_token_ids: list[int]
@@ -29,6 +29,9 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     generator: torch.Generator | None = None  # per-request RNG when seeded
     num_preemptions: int = 0
+    adapter: str | None = None  # LoRA adapter name, None = the base model
+    finetune: str | None = None  # full fine-tune whose weights this request needs, None = base
+    lora_slot: int = -1  # GPU slot of the adapter while running, -1 = none
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,76 @@
+"""Applies the LoRA of many adapters inside one step: per-step segments and per-layer hooks.
+
+Tokens of a step are packed so that each adapter's tokens are contiguous (the batcher orders
+sequences by slot); every group of every layer then runs one shrink and one expand per
+sub-projection over those segments. A step without adapter tokens removes the hooks: zero LoRA work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from worker.kernels.lora_expand import lora_expand
+from worker.kernels.lora_segments import build_segments, max_segment_len
+from worker.kernels.lora_shrink import lora_shrink
+from worker.lora.layout import GROUPS
+from worker.lora.slots import LoraSlots
+from worker.models.llama import LlamaForCausalLM
+
+
+@dataclass
+class Segments:
+    indptr: torch.Tensor  # [num_segs + 1] int32
+    slots: torch.Tensor  # [num_segs] int32, -1 = no LoRA
+    max_len: int
+
+
+class LoraRuntime:
+    def __init__(self, model: LlamaForCausalLM, slots: LoraSlots):
+        self.model, self.slots = model, slots
+        self.segments: dict[str, Segments | None] = {g: None for g in GROUPS}
+        self.active = False
+        self._hooks = [
+            (layer.get_submodule(path), self._hook(i, group))
+            for i, layer in enumerate(model.layers)
+            for group, (path, _) in GROUPS.items()
+        ]
+
+    def prepare(self, token_slots: list[int]) -> None:
+        """Set up the next step. token_slots: [num_tokens] slot per packed token (-1 = base)."""
+        any_lora = False
+        for group in GROUPS:
+            # An adapter that does not touch this group counts as base here: no wasted work.
+            group_slots = [s if s >= 0 and group in self.slots.slot_groups[s] else -1 for s in token_slots]
+            if all(s < 0 for s in group_slots):
+                self.segments[group] = None
+                continue
+            indptr, seg_slots = build_segments(group_slots)
+            self.segments[group] = Segments(indptr.to(self.slots.device), seg_slots.to(self.slots.device),
+                                            max_segment_len(indptr))
+            any_lora = True
+        self._set_active(any_lora)
+
+    def _set_active(self, active: bool) -> None:
+        if active != self.active:
+            for module, hook in self._hooks:
+                module.lora = hook if active else None
+            self.active = active
+
+    def _hook(self, layer: int, group: str):
+        slots, R = self.slots, self.slots.max_rank
+
+        def apply(x: torch.Tensor, out: torch.Tensor) -> None:
+            # x: [num_tokens, in], out: [num_tokens, sum(out_sub)] updated in place
+            seg = self.segments[group]
+            if seg is None:
+                return
+            y = lora_shrink(x, slots.a[group][layer], seg.indptr, seg.slots, max_seg_len=seg.max_len)  # [T, n*R]
+            offset = 0
+            for k, b in enumerate(slots.b[group]):
+                lora_expand(y[:, k * R : (k + 1) * R], b[layer], slots.scalings, seg.indptr, seg.slots, out,
+                            offset, max_seg_len=seg.max_len)
+                offset += b.shape[2]
+
+        return apply

@@ -1,0 +1,79 @@
+"""How LoRA weights are laid out for the engine: per fused projection ("group"), per layer.
+
+A group is one fused base matmul (qkv, o, gate_up, down). Its sub-projections' A matrices are
+stacked along the rank, so one shrink serves the whole group; each sub-projection's B then expands
+its rank slice into its own column slice of the fused output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from worker.models.config import ModelConfig
+
+# group -> (module path inside a decoder layer, its sub-projections in output-column order)
+GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "qkv": ("self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    "o": ("self_attn.o_proj", ("o_proj",)),
+    "gate_up": ("mlp.gate_up_proj", ("gate_proj", "up_proj")),
+    "down": ("mlp.down_proj", ("down_proj",)),
+}
+MODULE_GROUP = {sub: group for group, (_, subs) in GROUPS.items() for sub in subs}
+
+
+def module_dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every LoRA-able projection."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    return {
+        "q_proj": (h, cfg.q_size), "k_proj": (h, cfg.kv_size), "v_proj": (h, cfg.kv_size),
+        "o_proj": (cfg.q_size, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+    }
+
+
+def group_dims(cfg: ModelConfig, group: str) -> tuple[int, list[int]]:
+    """(in_features, [out_features of each sub-projection]) of a group."""
+    dims = module_dims(cfg)
+    subs = GROUPS[group][1]
+    return dims[subs[0]][0], [dims[s][1] for s in subs]
+
+
+@dataclass
+class StackedAdapter:
+    """One adapter in the slot layout, padded to the engine's max rank R (host memory)."""
+
+    name: str
+    rank: int
+    scaling: float
+    a: dict[str, torch.Tensor]  # group -> [num_layers, len(subs) * R, in]
+    b: dict[str, list[torch.Tensor]]  # group -> per sub-projection [num_layers, out_sub, R]
+    groups: frozenset[str]  # groups the adapter touches (others get no LoRA work at all)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.a.values()) + sum(t.nbytes for bs in self.b.values() for t in bs)
+
+
+def stack_adapter(name: str, tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], rank: int,
+                  scaling: float, cfg: ModelConfig, max_rank: int, dtype: torch.dtype,
+                  pin: bool = False) -> StackedAdapter:
+    """tensors: (layer, module) -> (A [r, in], B [out, r]), as validated by adapters.format."""
+    if rank > max_rank:
+        raise ValueError(f"adapter {name!r} has rank {rank}, above the engine's max_lora_rank {max_rank}")
+    L, R = cfg.num_layers, max_rank
+    touched = {MODULE_GROUP[m] for (_, m) in tensors}
+    a, b = {}, {}
+    for group in touched:
+        in_dim, outs = group_dims(cfg, group)
+        subs = GROUPS[group][1]
+        a_g = torch.zeros(L, len(subs) * R, in_dim, dtype=dtype, pin_memory=pin)
+        b_g = [torch.zeros(L, out, R, dtype=dtype, pin_memory=pin) for out in outs]
+        for (layer, module), (lora_a, lora_b) in tensors.items():
+            if MODULE_GROUP[module] != group:
+                continue
+            k = subs.index(module)
+            a_g[layer, k * R : k * R + rank] = lora_a
+            b_g[k][layer, :, :rank] = lora_b
+        a[group], b[group] = a_g, b_g
+    return StackedAdapter(name, rank, scaling, a, b, frozenset(touched))

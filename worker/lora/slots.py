@@ -1,0 +1,108 @@
+"""GPU slots for LoRA adapters, a host tier behind them, and LRU eviction.
+
+Every group (see layout.py) has one stacked buffer per A/B across all layers and slots, so loading
+an adapter into a slot is at most 11 large copies (4 A + 7 B), whatever the number of layers
+(LoRAX-style per-layer copies are what makes their loads take 0.5-1 s).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+from worker.lora.layout import GROUPS, StackedAdapter, group_dims
+from worker.models.config import ModelConfig
+
+
+class LoraSlots:
+    def __init__(self, cfg: ModelConfig, max_loras: int, max_rank: int, max_cpu_loras: int,
+                 device: torch.device, dtype: torch.dtype, load_host: Callable[[str], StackedAdapter]):
+        if max_rank % 16 or max_rank < 16:
+            raise ValueError(f"max_lora_rank must be a positive multiple of 16, got {max_rank}")
+        if max_cpu_loras < max_loras:
+            raise ValueError("max_cpu_loras must be at least max_loras")
+        self.max_loras, self.max_rank, self.max_cpu_loras = max_loras, max_rank, max_cpu_loras
+        self.device, self.dtype = device, dtype
+        self._load_host = load_host  # name -> StackedAdapter read from disk (on a host-tier miss)
+        L, R = cfg.num_layers, max_rank
+        self.a: dict[str, torch.Tensor] = {}  # group -> [L, max_loras, n_sub * R, in]
+        self.b: dict[str, list[torch.Tensor]] = {}  # group -> per sub [L, max_loras, out_sub, R]
+        for group, (_, subs) in GROUPS.items():
+            in_dim, outs = group_dims(cfg, group)
+            self.a[group] = torch.zeros(L, max_loras, len(subs) * R, in_dim, dtype=dtype, device=device)
+            self.b[group] = [torch.zeros(L, max_loras, out, R, dtype=dtype, device=device) for out in outs]
+        self.scalings = torch.zeros(max_loras, dtype=torch.float32, device=device)  # [max_loras]
+        self.slot_groups: list[frozenset[str]] = [frozenset()] * max_loras
+        self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
+        self._users = [0] * max_loras  # running sequences using each slot (never evicted while > 0)
+        self._host: OrderedDict[str, StackedAdapter] = OrderedDict()
+        self.num_loads = 0
+        self.last_load_seconds = 0.0
+
+    def slot_of(self, name: str) -> int | None:
+        return self._resident.get(name)
+
+    def acquire(self, name: str) -> int | None:
+        """A slot holding `name` (loading it if needed), or None if every slot is busy."""
+        slot = self._resident.get(name)
+        if slot is None:
+            slot = self._free_slot()
+            if slot is None:
+                return None
+            self._load(name, slot)
+        self._resident.move_to_end(name)
+        self._users[slot] += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        if self._users[slot] <= 0:
+            raise RuntimeError(f"LoRA slot {slot} released more often than acquired")
+        self._users[slot] -= 1
+
+    def forget(self, name: str) -> None:
+        """Drop an adapter from both tiers (deleted, or replaced by a new upload under the name)."""
+        self._host.pop(name, None)
+        slot = self._resident.get(name)
+        if slot is not None and self._users[slot] == 0:
+            del self._resident[name]
+            self.slot_groups[slot] = frozenset()
+
+    def host_adapter(self, name: str) -> StackedAdapter:
+        adapter = self._host.get(name)
+        if adapter is None:
+            adapter = self._load_host(name)
+            self._host[name] = adapter
+            while len(self._host) > self.max_cpu_loras:
+                self._host.popitem(last=False)
+        self._host.move_to_end(name)
+        return adapter
+
+    def _free_slot(self) -> int | None:
+        used = set(self._resident.values())
+        for slot in range(self.max_loras):
+            if slot not in used:
+                return slot
+        for name, slot in self._resident.items():  # least recently used first
+            if self._users[slot] == 0:
+                del self._resident[name]
+                return slot
+        return None
+
+    @torch.no_grad()
+    def _load(self, name: str, slot: int) -> None:
+        start = time.perf_counter()
+        adapter = self.host_adapter(name)
+        for group in adapter.groups:
+            self.a[group][:, slot].copy_(adapter.a[group], non_blocking=True)
+            for dst, src in zip(self.b[group], adapter.b[group]):
+                dst[:, slot].copy_(src, non_blocking=True)
+        self.scalings[slot] = adapter.scaling
+        self.slot_groups[slot] = adapter.groups
+        self._resident[name] = slot
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        self.num_loads += 1
+        self.last_load_seconds = time.perf_counter() - start

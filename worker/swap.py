@@ -1,0 +1,93 @@
+"""Full fine-tunes: same-architecture checkpoints copied into the resident model in place.
+
+The model is never rebuilt: a swap is one copy per tensor from host memory (pinned on CUDA, so the
+copies run at full PCIe bandwidth) into the existing parameters. Host copies of several
+checkpoints are kept (LRU); the base model's own weights are always kept, so swapping back is cheap.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from worker.models.config import ModelConfig
+from worker.models.llama import LlamaForCausalLM
+from worker.models.loader import WeightLoader, iter_safetensors
+
+BASE = None  # the name under which the base weights are swapped back in
+
+
+class FullModelSwapper:
+    def __init__(self, model: LlamaForCausalLM, max_cpu_models: int = 2):
+        self.model = model
+        self.max_cpu_models = max_cpu_models
+        self.paths: dict[str, Path] = {}
+        self.current: str | None = BASE
+        pin = model.embed_tokens.weight.is_cuda
+        # The base, in the checkpoint's own naming so a swap back goes through the same loader.
+        self._base = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
+        if pin:
+            self._base = {k: v.pin_memory() for k, v in self._base.items()}
+        self._host: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self.num_swaps = 0
+        self.last_swap_seconds = 0.0
+
+    def register(self, name: str, path: str | Path) -> None:
+        """Check that the checkpoint fits the resident model (same architecture and dims)."""
+        path = Path(path)
+        theirs = ModelConfig.from_dir(path)
+        ours = self.model.config
+        if theirs.architecture != ours.architecture or not ours.same_shape_as(theirs):
+            raise ValueError(
+                f"full fine-tune {name!r} is a {theirs.architecture} with hidden_size {theirs.hidden_size}, "
+                f"{theirs.num_layers} layers; the resident base is a {ours.architecture} with hidden_size "
+                f"{ours.hidden_size}, {ours.num_layers} layers: only same-architecture fine-tunes can be swapped in"
+            )
+        self.paths[name] = path
+        self._host.pop(name, None)  # a re-registration replaces the old weights
+
+    def forget(self, name: str) -> None:
+        self.paths.pop(name, None)
+        self._host.pop(name, None)
+
+    def is_registered(self, name: str) -> bool:
+        return name in self.paths
+
+    @torch.no_grad()
+    def swap_to(self, name: str | None) -> None:
+        if name == self.current:
+            return
+        start = time.perf_counter()
+        if name is BASE:
+            self._copy_ours(self._base)
+        else:
+            WeightLoader(self.model).load(self._host_weights(name).items())
+        if self.model.embed_tokens.weight.is_cuda:
+            torch.cuda.synchronize()
+        self.current = name
+        self.num_swaps += 1
+        self.last_swap_seconds = time.perf_counter() - start
+
+    def _copy_ours(self, weights: dict[str, torch.Tensor]) -> None:
+        for pname, param in self.model.named_parameters():
+            param.copy_(weights[pname], non_blocking=True)
+
+    def _host_weights(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self.paths:
+            raise KeyError(f"no full fine-tune named {name!r} is registered")
+        weights = self._host.get(name)
+        if weights is None:
+            dtype = self.model.embed_tokens.weight.dtype
+            pin = self.model.embed_tokens.weight.is_cuda
+            weights = {}
+            for key, tensor in iter_safetensors(self.paths[name]):
+                tensor = tensor.to(dtype)
+                weights[key] = tensor.pin_memory() if pin else tensor
+            self._host[name] = weights
+            while len(self._host) > self.max_cpu_models:
+                self._host.popitem(last=False)
+        self._host.move_to_end(name)
+        return weights
