@@ -1,0 +1,242 @@
+"""Paged decode attention: one query token per sequence against its paged K/V cache.
+
+Triton path is flash-decoding: each program owns one (sequence, kv head, split of the
+context) and all query heads of that kv head's GQA group, runs an online softmax in fp32,
+and (with several splits) a second kernel merges the splits by their log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from worker.kernels._dispatch import cdiv, check_attention, jit, next_pow2, tl, use_triton
+
+_LOG2E = 1.4426950408889634
+_MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the extra parallelism
+_MAX_SPLITS = 32
+
+
+def _check(q, k_cache, v_cache, block_tables, context_lens):
+    block_size, num_kv_heads, group = check_attention(q, k_cache, v_cache)
+    num_seqs = q.shape[0]
+    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
+        raise ValueError(f"block_tables must be [{num_seqs}, max_blocks], got {tuple(block_tables.shape)}")
+    if context_lens.shape != (num_seqs,):
+        raise ValueError(f"context_lens must be [{num_seqs}], got {tuple(context_lens.shape)}")
+    return block_size, num_kv_heads, group
+
+
+def paged_decode_attention_reference(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, scale: float, num_splits: int | None = None,
+) -> torch.Tensor:
+    """Torch version (also the CPU path): whole batch at once, gathered up to the longest context.
+
+    num_splits is accepted for signature parity and ignored. A context_len of 0 gives zeros.
+    """
+    block_size, num_kv_heads, group = _check(q, k_cache, v_cache, block_tables, context_lens)
+    num_seqs, num_heads, head_dim = q.shape
+    if num_seqs == 0:
+        return torch.empty_like(q)
+    max_ctx = int(context_lens.max())
+    num_pages = cdiv(max_ctx, block_size)
+    if num_pages > block_tables.shape[1]:
+        raise ValueError(f"block_tables has {block_tables.shape[1]} columns, context needs {num_pages}")
+    if max_ctx == 0:
+        return torch.zeros_like(q)
+
+    ctx = context_lens.to(device=q.device, dtype=torch.long)
+    pages = block_tables[:, :num_pages].to(device=q.device, dtype=torch.long)  # [S, P]
+    # Unused table entries may hold anything (even out-of-range ids): point them at block 0.
+    page_used = torch.arange(num_pages, device=q.device) < ((ctx + block_size - 1) // block_size)[:, None]
+    pages = torch.where(page_used, pages, 0)
+
+    k = k_cache[pages].flatten(1, 2)[:, :max_ctx].float()  # [S, T, KVH, D]
+    v = v_cache[pages].flatten(1, 2)[:, :max_ctx].float()  # [S, T, KVH, D]
+    pad = torch.arange(max_ctx, device=q.device)[None, :] >= ctx[:, None]  # [S, T]
+    # Slots past a sequence's end are never written (may be NaN): zero V so 0-prob * junk stays 0.
+    v = v.masked_fill(pad[:, :, None, None], 0.0)
+
+    qf = q.float().reshape(num_seqs, num_kv_heads, group, head_dim)  # [S, KVH, G, D]
+    scores = torch.matmul(qf, k.permute(0, 2, 3, 1)) * scale  # [S, KVH, G, T]
+    scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = probs.masked_fill((ctx == 0)[:, None, None, None], 0.0)  # empty contexts: all -inf -> nan
+    out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [S, KVH, G, D]
+    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _auto_num_splits(max_ctx: int, num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Split only when the context is long AND (seq, kv head) programs alone underfill the GPU.
+
+    Uses a shape-only bound on the context (no GPU sync), so it is CUDA-graph safe.
+    """
+    by_length = max_ctx // _MIN_TOKENS_PER_SPLIT
+    if by_length <= 1:
+        return 1
+    target_programs = 2 * (_num_sms(_device_index(device)) if device.type == "cuda" else 128)
+    by_occupancy = cdiv(target_programs, max(num_seqs * num_kv_heads, 1))
+    splits = max(1, min(by_length, by_occupancy, _MAX_SPLITS))
+    return 1 << (splits.bit_length() - 1)  # powers of two: fewer kernel variants to compile
+
+
+@jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr,
+    scale_log2, head_dim,
+    stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_bts, stride_btb,
+    stride_os, stride_oh, stride_od,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # Splits are whole cache blocks of this sequence's own context, so short sequences in a
+    # ragged batch get short splits instead of empty ones.
+    ctx = tl.load(context_lens_ptr + seq)
+    pages_per_split = tl.cdiv(tl.cdiv(ctx, BLOCK_SIZE), NUM_SPLITS)
+    start = split * pages_per_split * BLOCK_SIZE
+    end = tl.minimum(start + pages_per_split * BLOCK_SIZE, ctx)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    heads = kvh * GROUP + g  # [GROUP_PAD] query heads of this kv head (padded for tl.dot)
+    g_mask = g < GROUP
+    d_mask = d < head_dim
+    q_mask = g_mask[:, None] & d_mask[None, :]
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qs + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+                mask=q_mask, other=0.0)  # [GROUP_PAD, HEAD_DIM_PAD]
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)  # running max (log2 domain)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)  # running sum of exp2
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bts
+    for tok0 in range(start, end, BLOCK_N):
+        pos = tok0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] logical positions
+        valid = pos < end
+        block = tl.load(bt_row + (pos // BLOCK_SIZE) * stride_btb, mask=valid, other=0).to(tl.int64)
+        off = pos % BLOCK_SIZE
+        kv_mask = valid[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + block[:, None] * stride_kb + off[:, None] * stride_kt + kvh * stride_kh
+                    + d[None, :] * stride_kd, mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, HEAD_DIM_PAD]
+        if IEEE:  # fp32 inputs: match torch's fp32 matmul instead of TF32
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))  # [GROUP_PAD, BLOCK_N]
+        # Every tile has >= 1 valid position, so m_new is finite and no inf - inf appears.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + block[:, None] * stride_vb + off[:, None] * stride_vt + kvh * stride_vh
+                    + d[None, :] * stride_vd, mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, HEAD_DIM_PAD]
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    nonempty = l_i > 0.0  # empty splits (and empty contexts) have l_i == 0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    if NUM_SPLITS == 1:
+        o_ptrs = out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    else:
+        # Partials are contiguous fp32: [num_seqs, num_heads, NUM_SPLITS, HEAD_DIM_PAD] and [.., NUM_SPLITS].
+        row = (seq.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split  # [GROUP_PAD]
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM_PAD + d[None, :], out, mask=g_mask[:, None])
+        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=g_mask)
+
+
+@jit
+def _decode_reduce_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, head_dim,
+    stride_os, stride_oh, stride_od,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+):
+    # One program per (sequence, query head): weight each split by exp2(lse - max lse).
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    sp = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    row = (seq * tl.num_programs(1) + head) * NUM_SPLITS + sp  # [SPLITS_PAD]
+    sp_mask = sp < NUM_SPLITS
+    lse = tl.load(part_lse_ptr + row, mask=sp_mask, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # empty context: all weights 0
+    w = tl.exp2(lse - lse_max)  # [SPLITS_PAD]
+    parts = tl.load(part_out_ptr + row[:, None] * HEAD_DIM_PAD + d[None, :], mask=sp_mask[:, None], other=0.0)
+    w_sum = tl.sum(w, 0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(w_sum > 0.0, w_sum, 1.0)  # [HEAD_DIM_PAD]
+    tl.store(out_ptr + seq * stride_os + head * stride_oh + d * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
+
+
+def paged_decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, scale: float, num_splits: int | None = None,
+) -> torch.Tensor:
+    """Decode attention for q [num_seqs, num_heads, head_dim] -> out of the same shape and dtype.
+
+    k_cache/v_cache [num_blocks, block_size, num_kv_heads, head_dim]; block_tables [num_seqs, max_blocks]
+    int32; context_lens [num_seqs] int32 (including the query token). num_splits=None picks
+    from the block-table width (an upper bound of the longest context, no GPU sync).
+    """
+    if not use_triton(q):
+        return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits)
+    block_size, num_kv_heads, group = _check(q, k_cache, v_cache, block_tables, context_lens)
+    num_seqs, num_heads, head_dim = q.shape
+    out = torch.empty_like(q)
+    if num_seqs == 0:
+        return out
+    if num_splits is None:
+        num_splits = _auto_num_splits(block_tables.shape[1] * block_size, num_seqs, num_kv_heads, q.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+
+    head_dim_pad = max(16, next_pow2(head_dim))
+    two_byte = q.element_size() <= 2
+    block_n = 64 if two_byte else 32  # fp32 tiles take twice the registers
+    if num_splits > 1:
+        part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused
+
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens,
+        out, part_out, part_lse,
+        scale * _LOG2E, head_dim,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
+        GROUP=group, GROUP_PAD=max(16, next_pow2(group)), BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=num_splits, IEEE=q.dtype == torch.float32,
+        num_warps=4,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            part_out, part_lse, out, head_dim, *out.stride(),
+            NUM_SPLITS=num_splits, SPLITS_PAD=next_pow2(num_splits), HEAD_DIM_PAD=head_dim_pad,
+            num_warps=1 if head_dim_pad <= 64 else 2,
+        )
+    return out
+
