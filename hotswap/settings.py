@@ -1,9 +1,11 @@
 """All configuration in one place: environment variables prefixed HOTSWAP_ (or a .env file)."""
 
+from __future__ import annotations
+
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -11,17 +13,56 @@ def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "hotswap"
 
 
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "hotswap"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HOTSWAP_", env_file=".env", extra="ignore")
 
+    # Local dirs
     cache_dir: Path = Field(default_factory=_default_cache_dir, description="Root of model and adapter caches.")
+    data_dir: Path = Field(default_factory=_default_data_dir, description="Embedded Redis data and file:// storage.")
     models_dir: Path | None = Field(default=None, description="Where converted models live (default: CACHE_DIR/models).")
+
+    # Engine
     device: str = Field(default="auto", description="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")
     dtype: str = Field(default="auto", description="'auto' (bf16 on GPU, fp32 on CPU), 'float32', 'bfloat16', 'float16'.")
+    max_lora_rank: int = Field(default=64, description="Adapters of higher rank are refused at upload.")
+
+    # The base model served (its config + tokenizer are read by the API; weights only by workers)
+    base_model: str = Field(default="smollm2-135m-instruct", description="Name clients use for the base model.")
+    base_model_dir: Path | None = Field(default=None, description="HF model dir of the base (default: the demo model).")
+
+    # Redis and object storage
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0")
+    storage_url: str | None = Field(default=None, description="s3://bucket/prefix or file:///dir (default: file://DATA_DIR/storage).")
+    s3_endpoint_url: str | None = Field(default=None, description="For MinIO or other S3-compatible servers.")
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_multipart_threshold_mb: int = Field(default=64, ge=5, description="Files above this upload in parts.")
+    presign_expiry_s: int = Field(default=3600, ge=60)
+
+    # Worker-side adapter disk cache
+    adapter_cache_dir: Path | None = Field(default=None, description="Default: CACHE_DIR/adapters.")
+    adapter_cache_gb: float = Field(default=20.0, gt=0)
+
+    # CLI -> API
+    api_url: str = Field(default="http://127.0.0.1:8000", description="Where the CLI finds the API.")
+    api_key: SecretStr | None = Field(default=None, description="The CLI's API key (HOTSWAP_API_KEY).")
 
     @property
     def model_root(self) -> Path:
         return self.models_dir or self.cache_dir / "models"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or f"file://{self.data_dir / 'storage'}"
+
+    @property
+    def resolved_adapter_cache_dir(self) -> Path:
+        return self.adapter_cache_dir or self.cache_dir / "adapters"
 
 
 @lru_cache
