@@ -79,6 +79,13 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MODEL_CONFIG = "config.json"
 MODEL_INDEX = "model.safetensors.index.json"
+
+# Files an upload may carry; anything else (a pickled .bin above all) is refused by name, unopened.
+UPLOADABLE_FILE = re.compile(
+    r"^(adapter_config\.json|adapter_model\.safetensors|config\.json|generation_config\.json|"
+    r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|tokenizer\.json|"
+    r"tokenizer_config\.json|special_tokens_map\.json|chat_template\.jinja|README\.md)$"
+)
 DEFAULT_MAX_RANK = 64
 
 # The projections a LoRA may target, in the engine's order, and the sub-module each lives under.

@@ -17,7 +17,18 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Base models: fetch the demo model.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-err = Console(stderr=True)
+keys_app = typer.Typer(help="API keys (admin: talks to Redis directly).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def _register_subcommands() -> None:
+    from adapters.cli import app as adapters_app
+
+    app.add_typer(adapters_app, name="adapters")
+
+
+_register_subcommands()
+err = Console(stderr=True, soft_wrap=True)  # errors stay on one line, whatever the terminal width
 
 
 def fail(message: str) -> None:
@@ -38,6 +49,41 @@ def fetch_demo(
     except Exception as exc:  # network, disk, conversion: say what failed in one line
         fail(f"could not fetch the demo model: {exc}")
     print(path)
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="Tenant the key belongs to, e.g. acme (created on first key).")],
+    redis_url: Annotated[Optional[str], typer.Option(help="Default: HOTSWAP_REDIS_URL.")] = None,
+) -> None:
+    """Create an API key for a tenant and print it once (only its hash is stored)."""
+    import redis
+
+    from api.auth import create_key
+    from hotswap.settings import get_settings
+
+    url = redis_url or get_settings().redis_url
+    try:
+        key = create_key(redis.Redis.from_url(url, socket_timeout=5), tenant)
+    except ValueError as exc:
+        fail(str(exc))
+    except redis.RedisError as exc:
+        fail(f"cannot reach Redis at {url}: {exc}")
+    err.print(f"API key for tenant {tenant!r} (shown once, keep it safe):")
+    print(key)
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+) -> None:
+    """Run the API server (settings from HOTSWAP_* environment variables)."""
+    import uvicorn
+
+    from api.app import create_app
+
+    uvicorn.run(create_app(), host=host, port=port, log_level="info")
 
 
 @app.command()

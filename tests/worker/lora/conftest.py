@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.factories import make_peft_adapter as make_adapter
+
 # name -> LoraConfig kwargs: ranks 8/16/32, different alphas, rsLoRA on one, attention-only and attention+MLP.
 ADAPTERS = {
     "qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
@@ -13,21 +15,6 @@ ADAPTERS = {
                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
     "mlp-o-r16": dict(r=16, lora_alpha=32, target_modules=["o_proj", "gate_proj", "up_proj", "down_proj"]),
 }
-
-
-def make_adapter(base_dir, out_dir, seed: int, **lora_kwargs):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(init_lora_weights=False, **lora_kwargs))
-    with torch.no_grad():  # a noticeable but sane effect: B small and random (PEFT's default B is zero)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.02)
-    model.save_pretrained(out_dir)
-    return out_dir
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,155 @@
+"""`hotswap adapters ...`: upload, list, show and delete adapters through the API.
+
+Users never need Redis or S3 credentials: only the API URL and their API key
+(HOTSWAP_API_URL / HOTSWAP_API_KEY, or --api-url / --api-key).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Upload and manage your LoRA adapters and full fine-tunes.", no_args_is_help=True)
+out = Console()
+err = Console(stderr=True, soft_wrap=True)  # errors stay on one line, whatever the terminal width
+
+ApiUrl = Annotated[Optional[str], typer.Option("--api-url", help="API base URL (default: HOTSWAP_API_URL or http://127.0.0.1:8000).")]
+ApiKey = Annotated[Optional[str], typer.Option("--api-key", help="Your API key (default: HOTSWAP_API_KEY).")]
+
+
+def fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code=1)
+
+
+class Api:
+    """A thin httpx client that turns every failure into one readable line."""
+
+    def __init__(self, api_url: str | None, api_key: str | None):
+        import httpx
+
+        from hotswap.settings import get_settings
+
+        settings = get_settings()
+        self.base = (api_url or settings.api_url).rstrip("/")
+        key = api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
+        if not key:
+            fail("no API key: pass --api-key or set HOTSWAP_API_KEY (an admin creates one with `hotswap keys create`)")
+        self.client = httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {key}"}, timeout=600)
+
+    def call(self, method: str, path: str, **kw) -> dict:
+        import httpx
+
+        try:
+            response = self.client.request(method, path, **kw)
+        except httpx.HTTPError as exc:
+            fail(f"cannot reach the API at {self.base}: {exc}")
+        if response.status_code >= 400:
+            try:
+                message = response.json()["error"]["message"]
+            except Exception:
+                message = response.text[:300]
+            fail(f"{message} (HTTP {response.status_code})")
+        return response.json()
+
+
+class _ProgressReader:
+    """A file wrapper that advances a progress bar as httpx streams it."""
+
+    def __init__(self, path: Path, progress, task):
+        self._f, self._progress, self._task = open(path, "rb"), progress, task
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._progress.advance(self._task, len(data))
+        return data
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _files_of(path: Path) -> list[Path]:
+    from adapters.format import UPLOADABLE_FILE
+
+    return sorted(p for p in path.iterdir() if p.is_file() and UPLOADABLE_FILE.match(p.name))
+
+
+@app.command()
+def upload(
+    path: Annotated[Path, typer.Argument(help="An adapter dir (adapter_config.json + adapter_model.safetensors) or a full checkpoint dir.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Name to call it by, e.g. support-bot.")],
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model it was trained on (default: the server's).")] = None,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Validate locally, upload with a progress bar, and print the name@version to call."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from adapters.errors import AdapterFormatError
+    from adapters.format import detect_kind, inspect_full_checkpoint, inspect_lora_adapter
+    from adapters.names import validate_name
+
+    try:
+        validate_name(name)
+    except ValueError as exc:
+        fail(str(exc))
+    if not path.is_dir():
+        fail(f"{path} is not a directory")
+    api = Api(api_url, api_key)
+    server = api.call("GET", "/v1/hotswap/base-model")
+    if base and base != server["name"]:
+        fail(f"this server serves base model {server['name']!r}, not {base!r}")
+    try:  # fast feedback: a broken adapter is never uploaded
+        kind = detect_kind(path)
+        if kind == "lora":
+            inspect_lora_adapter(path, server["config"])
+        else:
+            inspect_full_checkpoint(path, server["config"])
+    except AdapterFormatError as exc:
+        fail(str(exc))
+    files = _files_of(path)
+    total = sum(p.stat().st_size for p in files)
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=err) as progress:
+        task = progress.add_task(f"uploading {name}", total=total)
+        readers = [_ProgressReader(p, progress, task) for p in files]
+        try:
+            record = api.call("POST", "/v1/adapters", data={"name": name, "base_model": server["name"]},
+                              files=[("files", (p.name, r, "application/octet-stream")) for p, r in zip(files, readers)])
+        finally:
+            for r in readers:
+                r.close()
+    out.print(f"uploaded {kind} [bold]{record['id']}[/] ({record['size_bytes']:,} bytes)", highlight=False)
+    out.print(f"call it with model={record['name']!r} (latest) or model={record['id']!r}", highlight=False)
+
+
+@app.command("list")
+def list_(api_url: ApiUrl = None, api_key: ApiKey = None) -> None:
+    """Your adapters and fine-tunes (latest version of each)."""
+    rows = Api(api_url, api_key).call("GET", "/v1/adapters")["data"]
+    table = Table("name", "version", "kind", "rank", "targets", "size")
+    for r in rows:
+        table.add_row(r["name"], str(r["version"]), r["kind"], str(r["rank"] or "-"),
+                      ",".join(r["target_modules"] or []) or "-", f"{r['size_bytes']:,}")
+    out.print(table if rows else "no adapters yet: upload one with `hotswap adapters upload PATH --name NAME`")
+
+
+@app.command()
+def show(ref: Annotated[str, typer.Argument(help="name or name@version")], api_url: ApiUrl = None,
+         api_key: ApiKey = None) -> None:
+    """One adapter's details and its versions."""
+    import json
+
+    out.print_json(json.dumps(Api(api_url, api_key).call("GET", f"/v1/adapters/{ref}")))
+
+
+@app.command()
+def delete(ref: Annotated[str, typer.Argument(help="name (all versions) or name@version")], api_url: ApiUrl = None,
+           api_key: ApiKey = None) -> None:
+    """Delete an adapter: new requests can no longer use it; queued ones still finish."""
+    body = Api(api_url, api_key).call("DELETE", f"/v1/adapters/{ref}")
+    out.print(f"deleted {ref} (versions {', '.join(map(str, body['versions']))})")

@@ -1,0 +1,138 @@
+"""Adapters and full fine-tunes of the caller's tenant: upload, list, show, delete.
+
+Uploads are multipart (`name`, optional `base_model`, one `files` part per file). Starlette spools
+each part to disk, we copy it into a temp dir in chunks, validate the whole dir with
+adapters.format (pickles are refused by name, never opened), and only then register it: a bad
+upload leaves no record and no object behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+
+from adapters.format import UPLOADABLE_FILE
+from api.deps import SettingsDep, TenantDep, get_registry
+from api.errors import APIError
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+
+
+
+def record_json(record) -> dict:
+    return {
+        "id": record.ref, "object": "adapter", "name": record.name, "version": record.version,
+        "kind": record.kind, "base_model": record.base_model, "rank": record.rank,
+        "target_modules": list(record.target_modules) if record.target_modules else None,
+        "alpha": record.alpha, "use_rslora": record.use_rslora, "size_bytes": record.size_bytes,
+        "sha256": record.sha256, "created_at": int(record.created_at), "deleted": record.deleted,
+    }
+
+
+def base_config(settings) -> dict:
+    from hotswap.demo_model import demo_model_dir
+
+    model_dir = settings.base_model_dir or demo_model_dir(settings.model_root)
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        raise APIError(503, f"the base model's config is not available on this server ({path})")
+    return json.loads(path.read_text())
+
+
+base_router = APIRouter(tags=["adapters"])
+
+
+@base_router.get("/v1/hotswap/base-model")
+def get_base_model(settings: SettingsDep, tenant: TenantDep) -> dict:
+    """The base model's name and config.json, so the CLI can validate an adapter before uploading it."""
+    return {"name": settings.base_model, "config": base_config(settings)}
+
+
+def _check_base(base_model: str, settings) -> None:
+    if base_model != settings.base_model:
+        raise APIError(400, f"unknown base model {base_model!r}: this server serves {settings.base_model!r}",
+                       param="base_model")
+
+
+@router.post("", status_code=201)
+async def upload(
+    settings: SettingsDep,
+    tenant: TenantDep,
+    name: Annotated[str, Form(description="Name to call it by (lowercase letters, digits, '-', '_', '.').")],
+    files: Annotated[list[UploadFile], File(description="adapter_config.json + adapter_model.safetensors, "
+                                                         "or a full checkpoint's config.json + *.safetensors")],
+    base_model: Annotated[str | None, Form()] = None,
+    registry=Depends(get_registry),
+):
+    from adapters.errors import AdapterFormatError
+    from adapters.format import detect_kind, inspect_full_checkpoint, inspect_lora_adapter
+    from adapters.names import validate_name
+
+    try:
+        validate_name(name)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="name") from None
+    base_model = base_model or settings.base_model
+    _check_base(base_model, settings)
+    filenames = [f.filename or "" for f in files]
+    bad = [n for n in filenames if not UPLOADABLE_FILE.match(Path(n).name) or Path(n).name != n]
+    if bad:
+        raise APIError(400, f"file(s) not accepted: {', '.join(repr(b) for b in bad)}; send safetensors weights "
+                            "and their JSON configs only (pickled .bin/.pt files are never loaded)", param="files")
+    if len(set(filenames)) != len(filenames):
+        raise APIError(400, "the same file name was sent twice", param="files")
+
+    def validate_and_register(tmp: Path):
+        try:
+            kind = detect_kind(tmp)
+            if kind == "lora":
+                info = inspect_lora_adapter(tmp, base_config(settings), max_rank=settings.max_lora_rank)
+            else:
+                info = inspect_full_checkpoint(tmp, base_config(settings), check_finite=True)
+        except AdapterFormatError as exc:
+            raise APIError(400, str(exc), param="files") from None
+        return registry.register(tenant, name, kind, base_model, tmp, info)
+
+    with tempfile.TemporaryDirectory(prefix="hotswap-upload-") as tmp:
+        for upload_file in files:
+            with open(Path(tmp) / upload_file.filename, "wb") as dst:
+                await asyncio.to_thread(shutil.copyfileobj, upload_file.file, dst, 1 << 20)
+        record = await asyncio.to_thread(validate_and_register, Path(tmp))
+    return record_json(record)
+
+
+@router.get("")
+def list_adapters(tenant: TenantDep, registry=Depends(get_registry)) -> dict:
+    return {"object": "list", "data": [record_json(r) for r in registry.list(tenant)]}
+
+
+def _resolve(registry, tenant: str, ref: str):
+    from adapters.registry import NotFound
+
+    try:
+        return registry.resolve(tenant, ref)
+    except NotFound as exc:
+        raise APIError(404, str(exc), param="adapter") from None
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="adapter") from None
+
+
+@router.get("/{ref}")
+def show(ref: str, tenant: TenantDep, registry=Depends(get_registry)) -> dict:
+    record = _resolve(registry, tenant, ref)
+    body = record_json(record)
+    body["versions"] = [r.version for r in registry.versions(tenant, record.name)]
+    return body
+
+
+@router.delete("/{ref}")
+def delete(ref: str, tenant: TenantDep, registry=Depends(get_registry)) -> dict:
+    _resolve(registry, tenant, ref)  # 404 for unknown names, 400 for bad refs
+    deleted = registry.delete(tenant, ref)
+    return {"object": "adapter.deleted", "id": ref, "deleted": True, "versions": [r.version for r in deleted]}
