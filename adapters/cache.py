@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from adapters.registry import Record
+from hotswap.storage import IntegrityError
 
 __all__ = ["AdapterCache", "CacheIntegrityError"]
 
@@ -96,6 +97,7 @@ class AdapterCache:
         self._entries = self.root / "entries"
         self._locks = self.root / "locks"
         self._tmp = self.root / "tmp"
+        self._verified: set[str] = set()  # digests whose files this object has hashed and found good
         for d in (self._entries, self._locks, self._tmp):
             d.mkdir(parents=True, exist_ok=True)
         self._clean_tmp()
@@ -149,6 +151,20 @@ class AdapterCache:
             return all((entry / name).stat().st_size == f.size for name, f in record.files.items())
         except OSError:
             return False
+
+    def _valid(self, entry: Path, record: Record) -> bool:
+        """Complete, and its files hash to the record's (hashed once per entry per cache object, so
+        an entry corrupted on disk is caught and fetched again before anyone loads it)."""
+        if not self._complete(entry, record):
+            return False
+        if record.digest in self._verified:
+            return True
+        for name, f in record.files.items():
+            if _sha256_file(entry / name) != f.sha256:
+                log.warning("cached %s/%s: %s fails its checksum; fetching it again", record.tenant, record.ref, name)
+                return False
+        self._verified.add(record.digest)
+        return True
 
     def __contains__(self, record: object) -> bool:
         if isinstance(record, str) and len(record) == 64:
@@ -225,6 +241,16 @@ class AdapterCache:
             raise
         log.info("cached %s/%s (%d bytes) in %s", record.tenant, record.ref, record.size_bytes, entry)
 
+    def _fill_with_retries(self, record: Record, entry: Path, attempts: int = 3) -> None:
+        """A download that fails its checksum (a flaky network or store) is fetched again."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._fill(record, entry)
+            except (CacheIntegrityError, IntegrityError) as exc:
+                if attempt == attempts:
+                    raise
+                log.warning("fetching %s/%s failed its checksum (%s); retrying", record.tenant, record.ref, exc)
+
     def _discard(self, entry: Path) -> None:
         """Make the entry disappear at once (rename into tmp/), then delete it."""
         trash = self._tmp / f"{entry.name}.trash.{uuid.uuid4().hex}"
@@ -244,14 +270,15 @@ class AdapterCache:
             filled = False
             while True:
                 fcntl.flock(fd, fcntl.LOCK_SH)
-                if self._complete(entry, record):
+                if self._valid(entry, record):
                     break
                 # Upgrade to exclusive (not atomic: re-check after), fill, then go back to shared and
                 # re-check, since an evictor may slip in between the two locks.
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                if not self._complete(entry, record):
-                    self._fill(record, entry)
+                if not self._valid(entry, record):
+                    self._fill_with_retries(record, entry)
+                    self._verified.add(digest)  # _fill hashed every file
                     filled = True
                 fcntl.flock(fd, fcntl.LOCK_SH)
                 if self._complete(entry, record):

@@ -28,7 +28,8 @@ def open_file_store(root: Path):
 class CountingStore:
     """A real store that counts (and optionally slows down or corrupts) downloads."""
 
-    def __init__(self, store, delay: float = 0.0, corrupt: bool = False, log_path: str | None = None):
+    def __init__(self, store, delay: float = 0.0, corrupt: bool | int = False, log_path: str | None = None):
+        # corrupt: True = every download, an int N = the first N downloads only (a flaky network)
         self._store, self.delay, self.corrupt, self.log_path = store, delay, corrupt, log_path
         self.downloads: list[str] = []
         self._lock = threading.Lock()
@@ -45,7 +46,7 @@ class CountingStore:
         if self.delay:
             time.sleep(self.delay)
         info = self._store.download(key, dest)
-        if self.corrupt:  # the bytes on disk differ from what storage vouched for
+        if self.corrupt is True or len(self.downloads) <= int(self.corrupt):  # bytes differ from storage's
             data = bytearray(Path(dest).read_bytes())
             data[len(data) // 2] ^= 0xFF
             Path(dest).write_bytes(bytes(data))
@@ -246,6 +247,27 @@ def test_corrupted_download_leaves_no_entry(tmp_path, store):
     assert list((tmp_path / "cache" / "tmp").iterdir()) == []
     # the same cache dir with a healthy store works
     check_entry(AdapterCache(tmp_path / "cache", 10_000, store).fetch(rec), rec)
+
+
+def test_a_checksum_mismatch_is_fetched_again(tmp_path, store):
+    rec = make_record(store, "a", adapter_files(0))
+    flaky = CountingStore(store, corrupt=1)  # only the first download arrives corrupted
+    cache = AdapterCache(tmp_path / "cache", 10_000, flaky)
+    check_entry(cache.fetch(rec), rec)
+    assert len(flaky.downloads) == len(rec.files) + 1  # the corrupted file came twice, the fill retried
+
+
+def test_an_entry_corrupted_on_disk_is_detected_and_fetched_again(tmp_path, store):
+    rec = make_record(store, "a", adapter_files(0))
+    counting = CountingStore(store)
+    path = AdapterCache(tmp_path / "cache", 10_000, counting).fetch(rec)
+    weights = path / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[10] ^= 0xFF  # same size: only the hash can tell
+    weights.write_bytes(bytes(data))
+    fresh = AdapterCache(tmp_path / "cache", 10_000, counting)  # e.g. the worker restarted
+    check_entry(fresh.fetch(rec), rec)
+    assert len(counting.downloads) == 2 * len(rec.files)
 
 
 def test_record_disagreeing_with_storage_is_refused(tmp_path, store):
