@@ -33,6 +33,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
 
+    @app.middleware("http")
+    async def upload_size_limit(request, call_next):
+        # Refuse oversized uploads before their body is read and spooled to disk.
+        limit = settings.max_upload_mb * 2**20
+        length = request.headers.get("content-length")
+        if request.method == "POST" and length and length.isdigit() and int(length) > limit:
+            from api.errors import error_response
+
+            return error_response(413, f"upload of {int(length):,} bytes exceeds this server's limit of "
+                                       f"{settings.max_upload_mb} MB (HOTSWAP_MAX_UPLOAD_MB)", code="upload_too_large")
+        return await call_next(request)
+
     from api.routes import adapters, health
 
     app.include_router(health.router)

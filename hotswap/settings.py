@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     s3_multipart_threshold_mb: int = Field(default=64, ge=5, description="Files above this upload in parts.")
     presign_expiry_s: int = Field(default=3600, ge=60)
 
+    max_upload_mb: int = Field(default=40960, ge=1, description="Largest adapter / fine-tune upload accepted.")
+
     # Worker-side adapter disk cache
     adapter_cache_dir: Path | None = Field(default=None, description="Default: CACHE_DIR/adapters.")
     adapter_cache_gb: float = Field(default=20.0, gt=0)

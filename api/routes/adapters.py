@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -99,12 +98,27 @@ async def upload(
             raise APIError(400, str(exc), param="files") from None
         return registry.register(tenant, name, kind, base_model, tmp, info)
 
+    limit = settings.max_upload_mb * 2**20
     with tempfile.TemporaryDirectory(prefix="hotswap-upload-") as tmp:
+        total = 0
         for upload_file in files:
             with open(Path(tmp) / upload_file.filename, "wb") as dst:
-                await asyncio.to_thread(shutil.copyfileobj, upload_file.file, dst, 1 << 20)
+                total += await asyncio.to_thread(_copy_at_most, upload_file.file, dst, limit - total,
+                                                 settings.max_upload_mb)
         record = await asyncio.to_thread(validate_and_register, Path(tmp))
     return record_json(record)
+
+
+def _copy_at_most(src, dst, budget: int, limit_mb: int) -> int:
+    """Copy in 1 MiB chunks; a 413 as soon as the upload (chunked, so no Content-Length) runs over."""
+    copied = 0
+    while chunk := src.read(1 << 20):
+        copied += len(chunk)
+        if copied > budget:
+            raise APIError(413, f"upload exceeds this server's limit of {limit_mb} MB (HOTSWAP_MAX_UPLOAD_MB)",
+                           code="upload_too_large")
+        dst.write(chunk)
+    return copied
 
 
 @router.get("")

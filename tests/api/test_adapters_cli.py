@@ -142,3 +142,17 @@ def test_bad_names_are_refused(name, live_api, api_key, small_adapter):
     resp = httpx.post(live_api.url + "/v1/adapters", data={"name": name}, files=files,
                       headers={"Authorization": f"Bearer {api_key}"})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "name"
+
+
+def test_an_upload_over_the_size_limit_is_refused_and_leaves_nothing(api_settings, redis_client, api_key,
+                                                                     small_adapter):
+    from api.app import create_app
+    from hotswap.storage import open_store
+    from tests.api.conftest import LiveServer
+
+    small = api_settings.model_copy(update={"max_upload_mb": 1})  # the adapter is ~1 MB of weights
+    with LiveServer(create_app(small)) as server:
+        r = cli(server, api_key, "upload", str(small_adapter), "--name", "too-big")
+    assert r.returncode == 1 and "exceeds this server's limit" in r.stderr and "HTTP 413" in r.stderr
+    assert not [k for k in redis_client.keys("hotswap:reg:*") if b":model:" in k]
+    assert open_store(api_settings).list("tenants/") == []
