@@ -27,7 +27,7 @@ class FullModelSwapper:
         self.paths: dict[str, Path] = {}
         self.current: str | None = BASE
         pin = model.embed_tokens.weight.is_cuda
-        # The base, in the checkpoint's own naming so a swap back goes through the same loader.
+        # The base in the model's own layout: swapping back is one plain copy per parameter.
         self._base = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
         if pin:
             self._base = {k: v.pin_memory() for k, v in self._base.items()}
@@ -63,8 +63,11 @@ class FullModelSwapper:
         start = time.perf_counter()
         if name is BASE:
             self._copy_ours(self._base)
+        elif name in self._host:
+            self._copy_ours(self._host[name])
+            self._host.move_to_end(name)
         else:
-            WeightLoader(self.model).load(self._host_weights(name).items())
+            self._load_from_disk(name)
         if self.model.embed_tokens.weight.is_cuda:
             torch.cuda.synchronize()
         self.current = name
@@ -75,19 +78,22 @@ class FullModelSwapper:
         for pname, param in self.model.named_parameters():
             param.copy_(weights[pname], non_blocking=True)
 
-    def _host_weights(self, name: str) -> dict[str, torch.Tensor]:
+    def _load_from_disk(self, name: str) -> None:
+        """First use: the loader validates every tensor (names, shapes, finite) while copying it in;
+        then a host snapshot in the model's own layout makes the next swaps plain copies."""
         if name not in self.paths:
             raise KeyError(f"no full fine-tune named {name!r} is registered")
-        weights = self._host.get(name)
-        if weights is None:
-            dtype = self.model.embed_tokens.weight.dtype
-            pin = self.model.embed_tokens.weight.is_cuda
-            weights = {}
-            for key, tensor in iter_safetensors(self.paths[name]):
-                tensor = tensor.to(dtype)
-                weights[key] = tensor.pin_memory() if pin else tensor
-            self._host[name] = weights
-            while len(self._host) > self.max_cpu_models:
-                self._host.popitem(last=False)
-        self._host.move_to_end(name)
-        return weights
+        try:
+            WeightLoader(self.model).load(iter_safetensors(self.paths[name]))
+        except Exception:
+            self._copy_ours(self._base)  # never leave a half-swapped model behind
+            self.current = BASE
+            raise
+        pin = self.model.embed_tokens.weight.is_cuda
+        snapshot = {}
+        for pname, p in self.model.named_parameters():
+            host = p.detach().to("cpu", copy=True)
+            snapshot[pname] = host.pin_memory() if pin else host
+        self._host[name] = snapshot
+        while len(self._host) > self.max_cpu_models:
+            self._host.popitem(last=False)

@@ -41,13 +41,14 @@ def group_dims(cfg: ModelConfig, group: str) -> tuple[int, list[int]]:
 
 @dataclass
 class StackedAdapter:
-    """One adapter in the slot layout, padded to the engine's max rank R (host memory)."""
+    """One adapter in the slot layout at its own rank r (host memory): loading it into a slot of
+    max rank R copies only its r rows/columns, so a rank-8 adapter moves 8/R of a full slot."""
 
     name: str
     rank: int
     scaling: float
-    a: dict[str, torch.Tensor]  # group -> [num_layers, len(subs) * R, in]
-    b: dict[str, list[torch.Tensor]]  # group -> per sub-projection [num_layers, out_sub, R]
+    a: dict[str, torch.Tensor]  # group -> [num_layers, len(subs), r, in]
+    b: dict[str, list[torch.Tensor]]  # group -> per sub-projection [num_layers, out_sub, r]
     groups: frozenset[str]  # groups the adapter touches (others get no LoRA work at all)
 
     @property
@@ -61,19 +62,19 @@ def stack_adapter(name: str, tensors: dict[tuple[int, str], tuple[torch.Tensor, 
     """tensors: (layer, module) -> (A [r, in], B [out, r]), as validated by adapters.format."""
     if rank > max_rank:
         raise ValueError(f"adapter {name!r} has rank {rank}, above the engine's max_lora_rank {max_rank}")
-    L, R = cfg.num_layers, max_rank
+    L = cfg.num_layers
     touched = {MODULE_GROUP[m] for (_, m) in tensors}
     a, b = {}, {}
     for group in touched:
         in_dim, outs = group_dims(cfg, group)
         subs = GROUPS[group][1]
-        a_g = torch.zeros(L, len(subs) * R, in_dim, dtype=dtype, pin_memory=pin)
-        b_g = [torch.zeros(L, out, R, dtype=dtype, pin_memory=pin) for out in outs]
+        a_g = torch.zeros(L, len(subs), rank, in_dim, dtype=dtype, pin_memory=pin)
+        b_g = [torch.zeros(L, out, rank, dtype=dtype, pin_memory=pin) for out in outs]
         for (layer, module), (lora_a, lora_b) in tensors.items():
             if MODULE_GROUP[module] != group:
                 continue
             k = subs.index(module)
-            a_g[layer, k * R : k * R + rank] = lora_a
-            b_g[k][layer, :, :rank] = lora_b
+            a_g[layer, k] = lora_a
+            b_g[k][layer] = lora_b
         a[group], b[group] = a_g, b_g
     return StackedAdapter(name, rank, scaling, a, b, frozenset(touched))

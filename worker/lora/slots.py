@@ -1,8 +1,8 @@
 """GPU slots for LoRA adapters, a host tier behind them, and LRU eviction.
 
 Every group (see layout.py) has one stacked buffer per A/B across all layers and slots, so loading
-an adapter into a slot is at most 11 large copies (4 A + 7 B), whatever the number of layers
-(LoRAX-style per-layer copies are what makes their loads take 0.5-1 s).
+an adapter into a slot is at most 11 strided copies (4 A + 7 B) of its own rank's rows, whatever the
+number of layers (LoRAX-style per-layer copies are what makes their loads take 0.5-1 s).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ class LoraSlots:
             self.b[group] = [torch.zeros(L, max_loras, out, R, dtype=dtype, device=device) for out in outs]
         self.scalings = torch.zeros(max_loras, dtype=torch.float32, device=device)  # [max_loras]
         self.slot_groups: list[frozenset[str]] = [frozenset()] * max_loras
+        # Per slot and group: how many rank rows may hold non-zero weights (all zero at start).
+        self._dirty_rank = [{g: 0 for g in GROUPS} for _ in range(max_loras)]
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self._users = [0] * max_loras  # running sequences using each slot (never evicted while > 0)
         self._host: OrderedDict[str, StackedAdapter] = OrderedDict()
@@ -65,10 +67,16 @@ class LoraSlots:
     def forget(self, name: str) -> None:
         """Drop an adapter from both tiers (deleted, or replaced by a new upload under the name)."""
         self._host.pop(name, None)
+        self.evict(name)
+
+    def evict(self, name: str) -> bool:
+        """Free `name`'s device slot now (its host copy stays). False if absent or in use."""
         slot = self._resident.get(name)
-        if slot is not None and self._users[slot] == 0:
-            del self._resident[name]
-            self.slot_groups[slot] = frozenset()
+        if slot is None or self._users[slot] > 0:
+            return False
+        del self._resident[name]
+        self.slot_groups[slot] = frozenset()
+        return True
 
     def host_adapter(self, name: str) -> StackedAdapter:
         adapter = self._host.get(name)
@@ -95,10 +103,19 @@ class LoraSlots:
     def _load(self, name: str, slot: int) -> None:
         start = time.perf_counter()
         adapter = self.host_adapter(name)
+        r, R = adapter.rank, self.max_rank
         for group in adapter.groups:
-            self.a[group][:, slot].copy_(adapter.a[group], non_blocking=True)
+            # One strided copy per tensor for all layers; rows a previous, higher-rank tenant of the
+            # slot left beyond rank r are zeroed (the rest of the padding is zero already). Groups
+            # the adapter does not touch keep stale rows: the hooks skip them for this slot.
+            stale = self._dirty_rank[slot][group]
+            a_slot = self.a[group][:, slot].unflatten(1, (-1, R))  # [L, n_sub, R, in]
+            a_slot[:, :, :r].copy_(adapter.a[group], non_blocking=True)
+            a_slot[:, :, r:stale].zero_()
             for dst, src in zip(self.b[group], adapter.b[group]):
-                dst[:, slot].copy_(src, non_blocking=True)
+                dst[:, slot, :, :r].copy_(src, non_blocking=True)  # [L, out, r]
+                dst[:, slot, :, r:stale].zero_()
+            self._dirty_rank[slot][group] = r
         self.scalings[slot] = adapter.scaling
         self.slot_groups[slot] = adapter.groups
         self._resident[name] = slot
