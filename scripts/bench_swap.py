@@ -22,39 +22,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from adapters.synthetic import write_random_lora
 from hotswap.demo_model import fetch_demo_model
 from worker.engine.config import EngineConfig
 from worker.engine.engine import LLMEngine
-
-MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def write_adapter(out: Path, base_config: dict, rank: int, seed: int) -> Path:
-    """A PEFT-layout LoRA adapter on all seven projections, random weights."""
-    from safetensors.torch import save_file
-
-    from worker.lora.layout import module_dims
-    from worker.models.config import ModelConfig
-
-    cfg = ModelConfig.from_dict(base_config)
-    dims = module_dims(cfg)
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(cfg.num_layers):
-        for m in MODULES:
-            parent = "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            prefix = f"base_model.model.model.layers.{layer}.{parent}.{m}"
-            d_in, d_out = dims[m]
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) * 0.01
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.01
-    out.mkdir(parents=True)
-    save_file(tensors, out / "adapter_model.safetensors")
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-        "target_modules": MODULES, "bias": "none", "base_model_name_or_path": "base",
-    }))
-    return out
-
 
 def write_finetune(base_dir: Path, out: Path) -> Path:
     """The base checkpoint with every weight nudged: same architecture, different values."""
@@ -108,7 +79,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hotswap-bench-swap-") as tmp:
         for rank in ranks:
             name = f"r{rank}"
-            engine.register_adapter(name, write_adapter(Path(tmp) / name, base_config, rank, seed=rank))
+            engine.register_adapter(name, write_random_lora(Path(tmp) / name, base_config, rank, 2.0 * rank, seed=rank))
 
             def from_disk():
                 slots.forget(name)  # neither tier holds it: read, validate-free stack, copy

@@ -1,0 +1,533 @@
+"""Throughput of the hotswap engine against plain transformers, on one seeded workload.
+
+Both sides run in this one process on the same requests: random prompt token ids (seeded, no
+special ids) and per-request max_tokens, EOS ignored so each request generates exactly its
+max_tokens. Side A is what a plain Hugging Face user does: static batches in arrival order,
+left-padded, `model.generate` until the batch's longest request is done; only the tokens each
+request asked for count. Side B is the engine with continuous batching. Prints a table and the
+ratio engine / transformers of generated tokens per second.
+
+    python scripts/bench_engine.py --quick                  # a few minutes on a 2-core CPU
+    python scripts/bench_engine.py                          # 64 requests, prompts 16..512, tokens 16..256
+    python scripts/bench_engine.py --skip-hf --json bench-engine.json
+    python scripts/bench_engine.py --random-model llama3-8b # GPU: Llama-3-8B shape, random bf16 weights
+
+The default model is the demo model (`hotswap models fetch-demo`). `--random-model` writes a
+random-init model to a temp dir first (no tokenizer needed: prompts are token ids); on CUDA the
+engine row also shows the decode memory-bandwidth floor next to the measured decode step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_MIN_TOKEN_ID = 10  # keep clear of special ids (unk, bos, eos, pad, ...) at the bottom of the vocab
+_WARMUP_PROMPTS = [[11, 12, 13, 14, 15, 16, 17, 18], [21, 22, 23, 24, 25]]
+_WARMUP_TOKENS = 4
+
+_LLAMA3_ROPE = {
+    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+}
+# Shapes for --random-model. "llama3-tiny" is a CPU-sized stand-in that exercises the same path.
+RANDOM_MODELS = {
+    "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      intermediate_size=14336, vocab_size=128256),
+    "llama3-tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=256, vocab_size=2048),
+}
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    max_tokens: list[int]
+    adapters: list[str | None] | None = None  # per request (None = base), with --adapters N
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(self.max_tokens)
+
+
+# -- setup ----------------------------------------------------------------------------------------
+
+
+def make_workload(vocab_size: int, num_requests: int, prompt_range: tuple[int, int],
+                  token_range: tuple[int, int], seed: int) -> Workload:
+    """Seeded prompts of random token ids and per-request max_tokens, both uniform in their ranges."""
+    rng = random.Random(seed)
+    prompts, max_tokens = [], []
+    for _ in range(num_requests):
+        length = rng.randint(*prompt_range)
+        prompts.append([rng.randrange(_MIN_TOKEN_ID, vocab_size) for _ in range(length)])
+        max_tokens.append(rng.randint(*token_range))
+    return Workload(prompts, max_tokens)
+
+
+def assign_adapters(workload: Workload, names: list[str], seed: int) -> Workload:
+    """Each request to one of the adapters or the base model, uniformly (seeded)."""
+    rng = random.Random(seed + 1)
+    choices = [*names, None]
+    return Workload(workload.prompts, workload.max_tokens, [rng.choice(choices) for _ in workload.prompts])
+
+
+def base_only(workload: Workload) -> Workload:
+    return Workload(workload.prompts, workload.max_tokens, None)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":  # the engine's own default
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def cpu_usage() -> tuple[float, float, float] | None:
+    """(wall s, busy CPU s of the whole machine incl. steal, CPU s of this process); None off Linux."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
+    return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), time.process_time()
+
+
+def other_cpu_share(before, after) -> float | None:
+    """Fraction of all CPUs that other processes (or the hypervisor) used between two cpu_usage() samples."""
+    if before is None or after is None:
+        return None
+    wall, busy, ours = (a - b for a, b in zip(after, before))
+    return max(0.0, (busy - ours) / (wall * os.cpu_count()))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def build_random_model(name: str, out_dir: Path, device: torch.device, seed: int) -> Path:
+    """Save a random-init bf16 Llama of the named shape (safetensors + config) into out_dir."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        **RANDOM_MODELS[name], max_position_embeddings=131072, rms_norm_eps=1e-5, rope_parameters=_LLAMA3_ROPE,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out_dir)
+    del model
+    release_memory(device)
+    return out_dir
+
+
+def model_vocab_size(model_dir: Path) -> int:
+    return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
+
+
+# -- side A: transformers, static batches ---------------------------------------------------------
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = [[pad_id] * (width - len(p)) + p for p in prompts]
+    mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+def hf_generate_batch(model, prompts: list[list[int]], new_tokens: int, pad_id: int,
+                      adapter_names: list[str] | None = None) -> int:
+    """One static batch; returns the tokens it computed (batch size x new_tokens)."""
+    input_ids, mask = left_pad(prompts, pad_id, model.device)
+    extra = {"adapter_names": adapter_names} if adapter_names is not None else {}  # PEFT mixed-adapter batch
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=pad_id, **extra)
+    if out.shape[1] != input_ids.shape[1] + new_tokens:
+        raise RuntimeError(f"transformers stopped early: {out.shape[1] - input_ids.shape[1]} of {new_tokens} tokens")
+    return len(prompts) * new_tokens
+
+
+def run_hf(model_dir: Path, workload: Workload, batch_size: int, device: torch.device, dtype: torch.dtype,
+           adapters: list[tuple[str, Path]] = ()) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    t_load = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    if adapters:  # transformers + PEFT, every adapter loaded, mixed batches by adapter_names
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapters[0][1], adapter_name=adapters[0][0]).eval()
+        for name, path in adapters[1:]:
+            model.load_adapter(path, adapter_name=name)
+    load_s = time.perf_counter() - t_load
+    config = model.config if not adapters else model.base_model.model.config
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    names = [a or "__base__" for a in workload.adapters] if workload.adapters else None
+    hf_generate_batch(model, _WARMUP_PROMPTS, _WARMUP_TOKENS, pad_id, names[:2] if names else None)
+    computed = 0
+    synchronize(device)
+    usage, start = cpu_usage(), time.perf_counter()
+    for i in range(0, len(workload.prompts), batch_size):
+        computed += hf_generate_batch(model, workload.prompts[i:i + batch_size],
+                                      max(workload.max_tokens[i:i + batch_size]), pad_id,
+                                      names[i:i + batch_size] if names else None)
+    synchronize(device)
+    wall = time.perf_counter() - start
+    others = other_cpu_share(usage, cpu_usage())
+    del model
+    release_memory(device)
+    return {
+        "load_s": load_s,
+        "wall_s": wall,
+        "generated_tokens": workload.generated_tokens,
+        "computed_tokens": computed,  # includes what short requests made while their batch finished
+        "tokens_per_s": workload.generated_tokens / wall,
+        "batches": -(-len(workload.prompts) // batch_size),
+        "other_cpu_share": others,
+    }
+
+
+# -- side B: the engine, continuous batching ------------------------------------------------------
+
+
+def peek_step(engine) -> tuple[bool, int]:
+    """Whether the next step is decode-only, and the context tokens its running sequences read."""
+    batcher = engine.batcher
+    running = batcher.running
+    admits = bool(batcher.waiting) and len(running) < batcher.max_num_seqs
+    decode_only = bool(running) and not admits and all(s.num_uncomputed == 1 for s in running)
+    return decode_only, sum(s.num_tokens for s in running)
+
+
+def drive_engine(engine, workload: Workload) -> dict:
+    """Add every request at t=0 and step until all finish, timing each step."""
+    from worker.engine.sampling_params import SamplingParams
+
+    device = engine.device
+    synchronize(device)
+    start = time.perf_counter()
+    adapters = workload.adapters or [None] * len(workload.prompts)
+    ids = [engine.add_request(p, SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True), adapter=a)
+           for p, m, a in zip(workload.prompts, workload.max_tokens, adapters)]
+    index = {rid: i for i, rid in enumerate(ids)}
+    counts, ttft = [0] * len(ids), [0.0] * len(ids)
+    step_s, decode_s, decode_ctx = [], [], []
+    while engine.has_unfinished():
+        decode_only, ctx = peek_step(engine)
+        t0 = time.perf_counter()
+        outputs = engine.step()  # ends in .tolist(): the step's device work is done when it returns
+        t1 = time.perf_counter()
+        step_s.append(t1 - t0)
+        if decode_only:
+            decode_s.append(t1 - t0)
+            decode_ctx.append(ctx)
+        for out in outputs:
+            i = index[out.request_id]
+            if counts[i] == 0:
+                ttft[i] = t1 - start
+            counts[i] += len(out.new_token_ids)
+    synchronize(device)
+    wall = time.perf_counter() - start
+    if counts != workload.max_tokens:
+        raise RuntimeError("the engine did not generate exactly max_tokens for every request")
+    return {"wall": wall, "counts": counts, "ttft": ttft, "step_s": step_s, "decode_s": decode_s,
+            "decode_ctx": decode_ctx}
+
+
+def make_engine(model_dir: Path, max_in_flight: int, device: torch.device, dtype: torch.dtype,
+                adapters: list[tuple[str, Path]] = ()):
+    from worker.engine.config import EngineConfig
+    from worker.engine.engine import LLMEngine
+    from worker.engine.sampling_params import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model=model_dir, device=str(device), dtype=dtype_name(dtype),
+                                    max_num_seqs=max_in_flight, max_num_batched_tokens=1024,
+                                    max_loras=len(adapters), max_lora_rank=32))
+    for name, path in adapters:
+        engine.register_adapter(name, path)
+    warm = [None, adapters[0][0]] if adapters else [None, None]
+    engine.generate(_WARMUP_PROMPTS, SamplingParams(max_tokens=_WARMUP_TOKENS, temperature=0.0, ignore_eos=True),
+                    adapters=warm)
+    return engine
+
+
+def run_engine(model_dir: Path, workload: Workload, max_in_flight: int, device: torch.device,
+               dtype: torch.dtype, adapters: list[tuple[str, Path]] = (), engine=None) -> dict:
+    """One workload through the engine; pass `engine` to reuse a loaded one (it is then kept)."""
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" and engine is None else None  # before the KV cache
+    t_load = time.perf_counter()
+    own = engine is None
+    engine = engine or make_engine(model_dir, max_in_flight, device, dtype, adapters)
+    load_s = time.perf_counter() - t_load
+    usage = cpu_usage()
+    run = drive_engine(engine, workload)
+    others = other_cpu_share(usage, cpu_usage())
+    steps, decode = run["step_s"], run["decode_s"]
+    report = {
+        "load_s": load_s,
+        "wall_s": run["wall"],
+        "generated_tokens": sum(run["counts"]),
+        "tokens_per_s": sum(run["counts"]) / run["wall"],
+        "steps": len(steps),
+        "mean_step_ms": 1e3 * statistics.fmean(steps),
+        "decode_steps": len(decode),
+        "mean_decode_step_ms": 1e3 * statistics.fmean(decode) if decode else None,
+        "other_steps_s": sum(steps) - sum(decode),  # steps with prefill chunks
+        "mean_ttft_s": statistics.fmean(run["ttft"]),
+        "max_ttft_s": max(run["ttft"]),
+        "kv_blocks": engine.blocks.num_blocks,
+        "other_cpu_share": others,
+        # Only meaningful on a GPU (a CPU step is compute-bound); None elsewhere.
+        "decode_floor": decode_bandwidth_floor(engine, run["decode_ctx"], bandwidth) if bandwidth and decode else None,
+    }
+    if own:
+        del engine
+        release_memory(device)
+    return report
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Device memory bandwidth in bytes/s from a large copy (each copy reads and writes nbytes)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    synchronize(device)
+    return 2 * nbytes * repeats / (time.perf_counter() - start)
+
+
+def decode_bandwidth_floor(engine, decode_ctx: list[int], bandwidth: float) -> dict:
+    """Lower bound of a decode step: every weight once plus every running sequence's KV, at copy speed."""
+    model = engine.model
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.lm_head is not None:  # untied: the embedding is only gathered a row per token
+        weight_bytes -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    kv_per_token = engine.runner.kv_bytes_per_block(model, engine.config.block_size, engine.dtype)
+    kv_per_token //= engine.config.block_size
+    mean_kv_bytes = kv_per_token * statistics.fmean(decode_ctx)
+    return {
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "weight_gb": weight_bytes / 1e9,
+        "mean_kv_gb": mean_kv_bytes / 1e9,
+        "floor_ms": 1e3 * (weight_bytes + mean_kv_bytes) / bandwidth,
+    }
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table_rows(report: dict) -> list[tuple[str, str, str]]:
+    """(metric, transformers, engine) rows; "-" where a side has no such figure."""
+    hf, eng = report["transformers"] or {}, report["engine"]
+    floor = eng.get("decode_floor") or {}
+    waste = 1 - hf["generated_tokens"] / hf["computed_tokens"] if hf else None
+    return [
+        ("wall time (s)", _fmt(hf.get("wall_s")), _fmt(eng["wall_s"])),
+        ("generated tokens", _fmt(hf.get("generated_tokens"), "d"), _fmt(eng["generated_tokens"], "d")),
+        ("generated tokens/s", _fmt(hf.get("tokens_per_s"), ".1f"), _fmt(eng["tokens_per_s"], ".1f")),
+        ("tokens computed (static waste)",
+         f"{hf['computed_tokens']} ({waste:.0%})" if hf else "-", _fmt(eng["generated_tokens"], "d")),
+        ("steps", "-", _fmt(eng["steps"], "d")),
+        ("mean step (ms)", "-", _fmt(eng["mean_step_ms"])),
+        ("decode-only steps", "-", _fmt(eng["decode_steps"], "d")),
+        ("mean decode step (ms)", "-", _fmt(eng["mean_decode_step_ms"])),
+        ("decode bandwidth floor (ms)", "-", _fmt(floor.get("floor_ms"))),
+        ("mean / max TTFT (s)", "-", f"{eng['mean_ttft_s']:.2f} / {eng['max_ttft_s']:.2f}"),
+        ("model load (s)", _fmt(hf.get("load_s")), _fmt(eng["load_s"])),
+    ]
+
+
+def render_table(report: dict):
+    from rich.table import Table
+
+    cfg = report["config"]
+    mix = f", {cfg['adapters']} adapters + base" if cfg.get("adapters") else ""
+    table = Table(title=f"{cfg['model_name']} on {cfg['device']} ({cfg['dtype']}){mix}: {cfg['num_requests']} requests, "
+                        f"prompts {cfg['min_prompt']}..{cfg['max_prompt']}, max_tokens {cfg['min_tokens']}.."
+                        f"{cfg['max_tokens']}, seed {cfg['seed']}")
+    table.add_column("")
+    hf_name = "transformers + PEFT" if cfg.get("adapters") else "transformers"
+    table.add_column(f"{hf_name}\n(static batches of {cfg['max_in_flight']})", justify="right")
+    table.add_column(f"hotswap engine\n(<= {cfg['max_in_flight']} in flight)", justify="right")
+    for row in table_rows(report):
+        table.add_row(*row)
+    if report["ratio"] is not None:
+        table.add_section()
+        table.add_row("[bold]engine / transformers tok/s[/bold]", "", f"[bold]{report['ratio']:.2f}x[/bold]")
+    if "mixed_vs_base" in report:
+        base = report["engine_base_only"]
+        table.add_row("engine, same requests all on base: tok/s", "", f"{base['tokens_per_s']:.1f}")
+        table.add_row("[bold]engine mixed-adapter / base-only tok/s[/bold]", "",
+                      f"[bold]{report['mixed_vs_base']:.2f}x[/bold]")
+    return table
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.print(render_table(report))
+    floor = report["engine"].get("decode_floor")
+    if floor is not None:
+        console.print(f"decode floor: {floor['weight_gb']:.2f} GB weights + {floor['mean_kv_gb']:.3f} GB KV per step "
+                      f"at {floor['copy_bandwidth_gb_s']:.0f} GB/s copy bandwidth")
+    sides = [(name, report[key]["other_cpu_share"]) for name, key in (("transformers", "transformers"),
+             ("engine", "engine")) if report[key] is not None and report[key]["other_cpu_share"] is not None]
+    if any(share > 0.1 for _, share in sides):
+        shares = ", ".join(f"{share:.0%} during the {name} run" for name, share in sides)
+        console.print(f"[yellow]note: other processes took {shares} (of {os.cpu_count()} CPUs): "
+                      f"timings are skewed[/yellow]")
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=None, help="HF model dir (default: the demo model)")
+    p.add_argument("--random-model", choices=sorted(RANDOM_MODELS), default=None,
+                   help="benchmark a random-init model of this shape, saved to a temp dir (overrides --model)")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--min-prompt", type=int, default=16)
+    p.add_argument("--max-prompt", type=int, default=512)
+    p.add_argument("--min-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--max-in-flight", type=int, default=16, help="engine max_num_seqs and transformers batch size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    p.add_argument("--skip-hf", action="store_true", help="engine only")
+    p.add_argument("--quick", action="store_true", help="16 requests, prompts 16..128, tokens 16..64")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON")
+    p.add_argument("--adapters", type=int, default=0,
+                   help="N random LoRA adapters (ranks 8/16/32, mixed targets); each request goes to one of them or "
+                        "the base, uniformly; transformers side uses PEFT mixed batches, and the engine also runs "
+                        "the same requests base-only for the mixed/base ratio")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.num_requests, args.min_prompt, args.max_prompt, args.min_tokens, args.max_tokens = 16, 16, 128, 16, 64
+    if not (0 < args.min_prompt <= args.max_prompt and 0 < args.min_tokens <= args.max_tokens):
+        p.error("need 0 < min <= max for prompt lengths and max_tokens")
+    if args.num_requests < 1 or args.max_in_flight < 1:
+        p.error("--num-requests and --max-in-flight must be >= 1")
+    return args
+
+
+def benchmark(args: argparse.Namespace, model_dir: Path) -> dict:
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    vocab_size = model_vocab_size(model_dir)
+    workload = make_workload(vocab_size, args.num_requests, (args.min_prompt, args.max_prompt),
+                             (args.min_tokens, args.max_tokens), args.seed)
+    adapters: list[tuple[str, Path]] = []
+    if args.adapters:
+        from adapters.synthetic import adapter_zoo
+
+        base_config = json.loads((model_dir / "config.json").read_text())
+        adapters = adapter_zoo(Path(args.adapter_dir), base_config, args.adapters, seed=args.seed)
+        workload = assign_adapters(workload, [n for n, _ in adapters], args.seed)
+    hf = None if args.skip_hf else run_hf(model_dir, workload, args.max_in_flight, device, dtype, adapters)
+    base_run = None
+    if adapters:
+        # Mixed traffic and the same requests all on the base model, through one engine (LoRA enabled).
+        t_load = time.perf_counter()
+        engine = make_engine(model_dir, args.max_in_flight, device, dtype, adapters)
+        load_s = time.perf_counter() - t_load
+        eng = run_engine(model_dir, workload, args.max_in_flight, device, dtype, engine=engine)
+        eng["load_s"] = load_s
+        base_run = run_engine(model_dir, base_only(workload), args.max_in_flight, device, dtype, engine=engine)
+        del engine
+        release_memory(device)
+    else:
+        eng = run_engine(model_dir, workload, args.max_in_flight, device, dtype)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config.update(model_dir=str(model_dir), model_name=args.random_model or model_dir.name, vocab_size=vocab_size,
+                  device=str(device), dtype=dtype_name(dtype), torch_threads=torch.get_num_threads(),
+                  cpu_count=os.cpu_count(), prompt_tokens=sum(map(len, workload.prompts)),
+                  generated_tokens=workload.generated_tokens)
+    ratio = eng["tokens_per_s"] / hf["tokens_per_s"] if hf else None
+    report = {"config": config, "transformers": hf, "engine": eng, "ratio": ratio}
+    if base_run is not None:
+        report["engine_base_only"] = base_run
+        report["mixed_vs_base"] = eng["tokens_per_s"] / base_run["tokens_per_s"]
+        report["requests_per_adapter"] = {str(a): workload.adapters.count(a) for a in [*dict(adapters), None]}
+    return report
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence generation-flag warnings and load progress bars (they would bury the table), then restore."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    with quiet_transformers(), tempfile.TemporaryDirectory(prefix="hotswap-bench-") as tmp:
+        if args.random_model:
+            device = resolve_device(args.device)
+            model_dir = build_random_model(args.random_model, Path(tmp), device, args.seed)
+        elif args.model is not None:
+            model_dir = args.model
+        else:
+            from hotswap.demo_model import fetch_demo_model
+
+            model_dir = fetch_demo_model(log=lambda m: print(m, file=sys.stderr))
+        args.adapter_dir = Path(tmp) / "adapters"
+        report = benchmark(args, Path(model_dir))
+    print_report(report)
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

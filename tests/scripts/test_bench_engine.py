@@ -1,0 +1,75 @@
+"""scripts/bench_engine.py end to end at a tiny size: both sides run and count the same tokens (no timing asserts)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_engine.py"
+TINY = ["--num-requests", "4", "--min-prompt", "16", "--max-prompt", "32", "--min-tokens", "4", "--max-tokens", "8",
+        "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_engine", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def check_sides(report: dict, max_tokens_sum: int) -> None:
+    for side in ("transformers", "engine"):
+        figures = report[side]
+        assert figures["generated_tokens"] == max_tokens_sum, side
+        assert figures["tokens_per_s"] > 0 and figures["wall_s"] > 0, side
+    assert report["transformers"]["computed_tokens"] >= max_tokens_sum
+    assert report["engine"]["steps"] >= 1
+    assert report["ratio"] > 0
+
+
+def test_workload_is_seeded_and_in_range(bench):
+    a = bench.make_workload(1000, 8, (16, 32), (4, 8), seed=3)
+    assert a == bench.make_workload(1000, 8, (16, 32), (4, 8), seed=3)
+    assert a != bench.make_workload(1000, 8, (16, 32), (4, 8), seed=4)
+    assert all(16 <= len(p) <= 32 and min(p) >= 10 and max(p) < 1000 for p in a.prompts)
+    assert all(4 <= m <= 8 for m in a.max_tokens)
+
+
+def test_demo_model_both_sides_json(bench, demo_model_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    returned = bench.main(["--model", str(demo_model_dir), "--json", str(out), *TINY])
+    report = json.loads(out.read_text())
+    workload = bench.make_workload(report["config"]["vocab_size"], 4, (16, 32), (4, 8), seed=0)
+    assert report["config"]["generated_tokens"] == sum(workload.max_tokens)
+    check_sides(report, sum(workload.max_tokens))
+    assert report["engine"]["decode_floor"] is None  # CUDA only
+    assert returned["ratio"] == pytest.approx(report["ratio"])
+
+
+def test_random_model_path(bench, tmp_path):
+    """The --random-model path (a tiny Llama-3 shape here; llama3-8b is the same code on a GPU)."""
+    report = bench.main(["--random-model", "llama3-tiny", "--json", str(tmp_path / "r.json"), *TINY])
+    vocab = bench.RANDOM_MODELS["llama3-tiny"]["vocab_size"]
+    check_sides(report, sum(bench.make_workload(vocab, 4, (16, 32), (4, 8), seed=0).max_tokens))
+    assert report["config"]["model_name"] == "llama3-tiny"
+
+
+def test_adapters_mode_runs_peft_and_both_engine_sides(bench, tmp_path):
+    out = tmp_path / "bench-adapters.json"
+    report = bench.main([*TINY, "--adapters", "3", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    max_tokens_sum = saved["config"]["generated_tokens"]
+    check_sides(saved, max_tokens_sum)
+    assert saved["engine_base_only"]["generated_tokens"] == max_tokens_sum
+    assert saved["mixed_vs_base"] > 0
+    assert sum(saved["requests_per_adapter"].values()) == 4
+    assert report["config"]["adapters"] == 3
