@@ -10,20 +10,16 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from hotswap.console import err, fail, out
+
 app = typer.Typer(help="Upload and manage your LoRA adapters and full fine-tunes.", no_args_is_help=True)
-out = Console()
-err = Console(stderr=True, soft_wrap=True)  # errors stay on one line, whatever the terminal width
 
 ApiUrl = Annotated[Optional[str], typer.Option("--api-url", help="API base URL (default: HOTSWAP_API_URL or http://127.0.0.1:8000).")]
 ApiKey = Annotated[Optional[str], typer.Option("--api-key", help="Your API key (default: HOTSWAP_API_KEY).")]
 
 
-def fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code=1)
 
 
 class Api:

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
+
+from hotswap.console import err, fail
 
 app = typer.Typer(
     help="hotswap: serve many fine-tunes of one base LLM from your own GPUs.\n\n"
@@ -28,13 +29,8 @@ def _register_subcommands() -> None:
 
 
 _register_subcommands()
-err = Console(stderr=True, soft_wrap=True)  # errors stay on one line, whatever the terminal width
 
 
-def fail(message: str) -> None:
-    """One readable line on stderr and a non-zero exit: how every CLI error ends."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code=1)
 
 
 @models_app.command("fetch-demo")
