@@ -81,6 +81,7 @@ class LLMEngine:
             )
             lora_runtime = LoraRuntime(self.model, self.lora_slots)
         self._adapters: dict[str, tuple[Path, object]] = {}  # name -> (dir, adapters.format info)
+        self._retired: set[str] = set()  # unregistered: no new requests, queued ones still finish
         self._swapper: FullModelSwapper | None = None  # made on the first full fine-tune
         num_blocks = config.num_blocks or self._auto_num_blocks()
         self.blocks = BlockManager(num_blocks, config.block_size)
@@ -115,19 +116,23 @@ class LLMEngine:
 
     def register_adapter(self, name: str, path: str | Path) -> None:
         """Make a PEFT LoRA adapter dir servable as `name` (validated now, loaded on first use).
-        Registering a name again replaces its weights for requests added afterwards."""
+        Names are keys: a server registers immutable versions (`name@3`). Registering a name again
+        with other weights is refused while requests use it, so no request mixes two versions."""
         from adapters.format import inspect_lora_adapter
 
         if self.lora_slots is None:
             raise ValueError("LoRA is disabled in this engine: start it with max_loras > 0")
         info = inspect_lora_adapter(Path(path), self._base_config_raw, max_rank=self.config.max_lora_rank)
+        if name in self._adapters and self.lora_slots.in_use(name):
+            raise ValueError(f"adapter {name!r} is in use by running requests: register new weights under a new name")
         self._adapters[name] = (Path(path), info)
+        self._retired.discard(name)
         self.lora_slots.forget(name)
 
     def unregister_adapter(self, name: str) -> None:
-        self._adapters.pop(name, None)
-        if self.lora_slots is not None:
-            self.lora_slots.forget(name)
+        """New requests can no longer use `name`; requests already queued for it still finish."""
+        if name in self._adapters:
+            self._retired.add(name)
 
     def _read_adapter(self, name: str) -> StackedAdapter:
         from adapters.format import load_lora_tensors
@@ -146,7 +151,7 @@ class LLMEngine:
 
     @property
     def adapters(self) -> list[str]:
-        return sorted(self._adapters)
+        return sorted(set(self._adapters) - self._retired)
 
     @property
     def finetunes(self) -> list[str]:
@@ -162,7 +167,7 @@ class LLMEngine:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in the engine")
-        if adapter is not None and adapter not in self._adapters:
+        if adapter is not None and (adapter not in self._adapters or adapter in self._retired):
             raise ValueError(f"no LoRA adapter named {adapter!r} is registered")
         if finetune is not None and finetune not in self.finetunes:
             raise ValueError(f"no full fine-tune named {finetune!r} is registered")

@@ -47,6 +47,10 @@ class LoraSlots:
     def slot_of(self, name: str) -> int | None:
         return self._resident.get(name)
 
+    def in_use(self, name: str) -> bool:
+        slot = self._resident.get(name)
+        return slot is not None and self._users[slot] > 0
+
     def acquire(self, name: str) -> int | None:
         """A slot holding `name` (loading it if needed), or None if every slot is busy."""
         slot = self._resident.get(name)
