@@ -92,7 +92,7 @@ def main() -> None:
             disk = statistics.median(timed(from_disk, device) for _ in range(repeats))
             host = statistics.median(timed(from_host, device) for _ in range(repeats))
             nbytes = slots.host_adapter(name).nbytes
-            rows.append({"what": f"LoRA rank {rank} (7 modules, padded to rank {slots.max_rank})", "bytes": nbytes,
+            rows.append({"what": f"LoRA rank {rank}, 7 modules (slots of max rank {slots.max_rank})", "bytes": nbytes,
                          "disk_to_slot_ms": disk * 1e3, "host_to_slot_ms": host * 1e3,
                          "host_to_slot_gb_s": nbytes / host / 1e9})
         engine.register_finetune("nudged", write_finetune(model_dir, Path(tmp) / "nudged"))
