@@ -173,6 +173,8 @@ class LLMEngine:
             raise ValueError(f"no full fine-tune named {finetune!r} is registered")
         if adapter is not None and finetune is not None:
             raise ValueError("a request names a LoRA adapter or a full fine-tune, not both")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this model dir has none")
         token_ids = self._tokenize(prompt)
         if len(token_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
@@ -187,8 +189,6 @@ class LLMEngine:
         self._seqs[request_id] = seq
         if self.tokenizer is not None:
             self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
-        elif params.stop:
-            raise ValueError("stop strings need a tokenizer, and this model dir has none")
         self.batcher.add(seq)
         return request_id
 

@@ -66,3 +66,21 @@ def test_new_weights_under_a_busy_name_are_refused(tiny):
     assert old != fresh.generate([[9, 8, 7]], PARAMS, adapters=["x"])[0].token_ids  # the check can tell them apart
     assert engine.generate([[9, 8, 7]], PARAMS, adapters=["x"])[0].token_ids == \
         fresh.generate([[9, 8, 7]], PARAMS, adapters=["x"])[0].token_ids
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(prompt=[]), "prompt is empty"),
+    (dict(prompt=[999]), r"token ids must be in \[0, 256\)"),
+    (dict(prompt=[1] * 10, params=SamplingParams(max_tokens=600)), "exceeds the maximum context length"),
+    (dict(prompt=[1], params=SamplingParams(stop=["x"])), "stop strings need a tokenizer"),
+    (dict(prompt=[1], adapter="nope"), "no LoRA adapter named 'nope'"),
+    (dict(prompt=[1], finetune="nope"), "no full fine-tune named 'nope'"),
+])
+def test_bad_requests_are_refused_and_leave_nothing_behind(tiny, kwargs, message):
+    engine = tiny[0]
+    with pytest.raises(ValueError, match=message):
+        engine.add_request(request_id="r", **kwargs)
+    assert not engine.has_unfinished()
+    engine.add_request([1, 2], PARAMS, request_id="r")  # the id was not taken by the failed call
+    with pytest.raises(ValueError, match="already in the engine"):
+        engine.add_request([1, 2], PARAMS, request_id="r")
