@@ -47,24 +47,29 @@ def paged_decode_attention_reference(
     if max_ctx == 0:
         return torch.zeros_like(q)
 
+    # One row gather per K and V (index_select of whole [KVH, D] slots), then one transpose copy
+    # into [S, KVH, T, D] so both matmuls run on contiguous batches: the fewest copies on CPU.
+    # Positions past a sequence's end read its own first token, which is always written (finite),
+    # and are masked out of the softmax, so junk or NaN in unused slots never leaks in.
     ctx = context_lens.to(device=q.device, dtype=torch.long)
-    pages = block_tables[:, :num_pages].to(device=q.device, dtype=torch.long)  # [S, P]
-    # Unused table entries may hold anything (even out-of-range ids): point them at block 0.
-    page_used = torch.arange(num_pages, device=q.device) < ((ctx + block_size - 1) // block_size)[:, None]
-    pages = torch.where(page_used, pages, 0)
+    pos = torch.arange(max_ctx, device=q.device)  # [T]
+    pad = pos[None, :] >= ctx[:, None]  # [S, T]
+    page = torch.where(pad, 0, pos[None, :] // block_size)  # [S, T]
+    blocks = torch.gather(block_tables.to(device=q.device, dtype=torch.long), 1, page)  # [S, T]
+    blocks = torch.where((ctx == 0)[:, None], 0, blocks)  # an empty context's table may hold anything
+    slots = (blocks * block_size + torch.where(pad, 0, pos[None, :] % block_size)).flatten()  # [S*T]
 
-    k = k_cache[pages].flatten(1, 2)[:, :max_ctx].float()  # [S, T, KVH, D]
-    v = v_cache[pages].flatten(1, 2)[:, :max_ctx].float()  # [S, T, KVH, D]
-    pad = torch.arange(max_ctx, device=q.device)[None, :] >= ctx[:, None]  # [S, T]
-    # Slots past a sequence's end are never written (may be NaN): zero V so 0-prob * junk stays 0.
-    v = v.masked_fill(pad[:, :, None, None], 0.0)
+    def gather(cache: torch.Tensor) -> torch.Tensor:  # -> [S, KVH, T, D] float32
+        rows = cache.view(-1, num_kv_heads, head_dim).index_select(0, slots)  # [S*T, KVH, D]
+        return rows.view(num_seqs, max_ctx, num_kv_heads, head_dim).transpose(1, 2).float().contiguous()
 
+    k, v = gather(k_cache), gather(v_cache)
     qf = q.float().reshape(num_seqs, num_kv_heads, group, head_dim)  # [S, KVH, G, D]
-    scores = torch.matmul(qf, k.permute(0, 2, 3, 1)) * scale  # [S, KVH, G, T]
-    scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    probs = probs.masked_fill((ctx == 0)[:, None, None, None], 0.0)  # empty contexts: all -inf -> nan
-    out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [S, KVH, G, D]
+    scores = torch.matmul(qf, k.transpose(-1, -2)).mul_(scale)  # [S, KVH, G, T]
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [S, KVH, G, D]
+    if bool((ctx == 0).any()):
+        out[ctx == 0] = 0.0  # empty contexts: all -inf -> nan; defined as zeros
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 
