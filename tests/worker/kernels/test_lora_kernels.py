@@ -5,9 +5,6 @@ set before the kernel modules are imported) and are taken with force_triton=True
 """
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -253,23 +250,10 @@ def test_rank_validation(force):
 
 # --- ahead-of-time compile (no GPU needed) ---------------------------------------
 
-# Runs in a fresh interpreter: once triton is imported with TRITON_INTERPRET=1 its
-# own library functions are interpreter-only and cannot be compiled.
-_AOT_SCRIPT = """
-import sys
-try:
-    import triton  # noqa: F401
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except ImportError as e:
-    print("SKIP:", e); sys.exit(0)
+# Compiled by the `compile_sm90` fixture (tests/worker/kernels/conftest.py) in a fresh interpreter.
+_AOT_BODY = """
 from worker.kernels.lora_expand import _expand_kernel
 from worker.kernels.lora_shrink import _shrink_kernel
-
-def compile_sm90(fn, ptr_types, constexprs):
-    sig = {p.name: "constexpr" if p.is_constexpr else ptr_types.get(p.name, "i32") for p in fn.params}
-    k = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32))
-    assert k.asm["cubin"]
 
 for dt in ("bf16", "fp16", "fp32"):
     wide, ieee = (64, True) if dt == "fp32" else (128, False)
@@ -279,24 +263,14 @@ for dt in ("bf16", "fp16", "fp32"):
     ptrs = {"y_ptr": "*fp32", "b_ptr": "*" + dt, "scale_ptr": "*fp32", "out_ptr": "*" + dt,
             "indptr_ptr": "*i32", "slots_ptr": "*i32"}
     compile_sm90(_expand_kernel, ptrs, dict(BLOCK_M=64, BLOCK_N=wide, BLOCK_K=32, IEEE=ieee))
-print("OK")
 """
 
 
 @needs_triton
-def test_kernels_compile_for_sm90():
+def test_kernels_compile_for_sm90(compile_sm90):
     """Compile both kernels to sm_90 cubins without a GPU: catches the errors the
     interpreter tolerates (dtype rules of tl.dot, control flow, shared memory)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[3]
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
-    if proc.returncode and "ptxas" in proc.stderr:
-        pytest.skip("no usable ptxas in this triton install")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    if proc.stdout.startswith("SKIP:"):
-        pytest.skip(proc.stdout.strip())
-    assert "OK" in proc.stdout
+    compile_sm90(_AOT_BODY)
 
 
 # --- compiled on a real GPU -----------------------------------------------------
