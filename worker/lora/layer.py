@@ -39,6 +39,9 @@ class LoraRuntime:
 
     def prepare(self, token_slots: list[int]) -> None:
         """Set up the next step. token_slots: [num_tokens] slot per packed token (-1 = base)."""
+        if max(token_slots, default=-1) < 0:  # base-only step (the common case): nothing to build
+            self._set_active(False)
+            return
         any_lora = False
         for group in GROUPS:
             # An adapter that does not touch this group counts as base here: no wasted work.
