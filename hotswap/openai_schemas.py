@@ -1,0 +1,285 @@
+"""The OpenAI request bodies we accept, and the response bodies we send, as OpenAI shapes them.
+
+Shared by the real-time routes and by batch-file line validation, so a body that one accepts the
+other accepts too. Validation is strict (no "5" for 5, no true for 1) and closed: a parameter we
+do not implement is refused by name ("unsupported parameter(s): tools, logit_bias") rather than
+silently ignored, because a client that asks for tool calls or n=3 and gets something else back
+has a bug it cannot see. A few parameters are accepted when they ask for OpenAI's default
+behaviour (frequency_penalty=0, logprobs=false, response_format={"type": "text"}, ...): clients
+and SDKs send those routinely, and honouring them is a no-op. They are dropped on validation.
+
+    req = ChatCompletionRequest.model_validate(body)      # pydantic.ValidationError on a bad body
+    param, message = error_message(exc)                    # one line naming the parameter
+    to_sampling(req)  # {"max_tokens", "temperature", "top_p", "seed", "stop"} with OpenAI defaults
+
+The builders (`chat_completion`, `chat_chunk`, `usage_chunk`, `completion`, `completion_chunk`)
+return plain dicts that the official `openai` package parses into its own types.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+__all__ = [
+    "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "StreamOptions", "TextPart",
+    "chat_chunk", "chat_completion", "completion", "completion_chunk", "error_message", "new_id",
+    "to_sampling", "unsupported_params", "usage", "usage_chunk",
+]
+
+Kind = Literal["chat", "completion"]
+FinishReason = Literal["stop", "length"]
+
+# Parameters OpenAI defines that we accept only when they ask for the default behaviour, and then
+# drop: name -> its harmless values (None, i.e. JSON null, is always harmless; () means only None).
+_COMMON_IGNORED: dict[str, tuple[Any, ...]] = {
+    "n": (1,), "best_of": (1,), "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},),
+}
+_IGNORED: dict[str, dict[str, tuple[Any, ...]]] = {
+    "chat": {**_COMMON_IGNORED, "logprobs": (False,), "top_logprobs": (0,),
+             "response_format": ({"type": "text"},), "tools": ([],), "functions": ([],),
+             "tool_choice": ("none",), "function_call": ("none",), "parallel_tool_calls": (),
+             "store": (False,), "metadata": ({},), "service_tier": ("auto", "default"),
+             "modalities": (["text"],), "audio": (), "prediction": (), "reasoning_effort": (),
+             "web_search_options": ()},
+    "completion": {**_COMMON_IGNORED, "logprobs": (), "echo": (False,), "suffix": ("",)},
+}
+# What would work instead, appended to the message.
+_HINTS = {
+    "n": "n must be 1: send one request per choice",
+    "best_of": "best_of must be 1",
+    "frequency_penalty": "penalties must be 0",
+    "presence_penalty": "penalties must be 0",
+    "logprobs": "logprobs are not returned",
+    "echo": "echo must be false",
+    "response_format": 'only response_format {"type": "text"}',
+}
+
+
+def _harmless(value: Any, allowed: tuple[Any, ...]) -> bool:
+    if value is None:
+        return True
+    # Compare types too, or True would pass for 1 and False for 0 (True == 1 in Python).
+    return any(value == a and (type(value) is type(a) or {type(value), type(a)} <= {int, float})
+               for a in allowed)
+
+
+def _model(kind: Kind) -> type[_Sampling]:
+    return ChatCompletionRequest if kind == "chat" else CompletionRequest
+
+
+def unsupported_params(body: dict, kind: Kind) -> list[str]:
+    """Keys of `body` we refuse, in body order: unknown keys, and known ones asking for something
+    we do not do (tools, n>1, a non-zero penalty, ...). Our own fields are left to validation."""
+    fields, ignored = _model(kind).model_fields, _IGNORED[kind]
+    return [key for key, value in body.items()
+            if key not in fields and (key not in ignored or not _harmless(value, ignored[key]))]
+
+
+def _refuse_unsupported(body: Any, kind: Kind) -> Any:
+    """The before-validator of both requests: refuse by name, then drop the harmless extras."""
+    if not isinstance(body, dict):
+        return body
+    bad = unsupported_params(body, kind)
+    if bad:
+        hints = "; ".join(dict.fromkeys(_HINTS[k] for k in bad if k in _HINTS))
+        raise PydanticCustomError("unsupported_parameter", "unsupported parameter(s): {names}{hint}",
+                                  {"names": ", ".join(bad), "hint": f" ({hints})" if hints else ""})
+    fields = _model(kind).model_fields
+    return {k: v for k, v in body.items() if k in fields}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            kinds = {p.get("type") for p in value if isinstance(p, dict)} - {"text"}
+            if kinds:
+                raise PydanticCustomError("unsupported_content", "only text content parts are supported, got "
+                                          "{kinds}", {"kinds": ", ".join(sorted(map(repr, kinds)))})
+        return value
+
+    @property
+    def text(self) -> str:
+        """The content as one string (text parts joined by newlines)."""
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+
+
+class _Sampling(_Strict):
+    """What both endpoints share. None means "OpenAI's default" everywhere."""
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > 4:
+            raise PydanticCustomError("too_many_stops", "at most 4 stop sequences, got {n}", {"n": len(stops)})
+        if any(s == "" for s in stops):
+            raise PydanticCustomError("empty_stop", "stop sequences must be non-empty strings")
+        return value if stops else None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise PydanticCustomError("stream_options", "stream_options is only allowed when stream is true")
+        return self
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _supported(cls, body: Any) -> Any:
+        return _refuse_unsupported(body, "chat")
+
+    @model_validator(mode="after")
+    def _one_token_limit(self):
+        if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
+            raise PydanticCustomError("token_limits", "max_tokens and max_completion_tokens disagree; send only "
+                                      "max_completion_tokens")
+        return self
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _supported(cls, body: Any) -> Any:
+        return _refuse_unsupported(body, "completion")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str] | list[int]) -> str | list[int]:
+        """A list of one string is that string; several prompts in one request are refused."""
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            if len(value) != 1:
+                raise PydanticCustomError("batched_prompt", "send one prompt per request (got a list of {n}); the "
+                                          "Batch API takes many", {"n": len(value)})
+            return value[0]
+        if isinstance(value, list):
+            if not value:
+                raise PydanticCustomError("empty_prompt", "prompt must not be an empty list")
+            if any(t < 0 for t in value):
+                raise PydanticCustomError("token_ids", "token ids must be >= 0")
+        return value
+
+
+def to_sampling(req: ChatCompletionRequest | CompletionRequest) -> dict:
+    """The engine's view: OpenAI's defaults filled in. max_tokens None = up to the context limit."""
+    limit = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return {"max_tokens": limit,
+            "temperature": 1.0 if req.temperature is None else req.temperature,
+            "top_p": 1.0 if req.top_p is None else req.top_p,
+            "seed": req.seed, "stop": stop}
+
+
+def error_message(exc: ValidationError) -> tuple[str | None, str]:
+    """(param, one-line message) for the first error: what an API 400 or a batch error line says."""
+    first = exc.errors()[0]
+    if first["type"] == "unsupported_parameter":  # the message names them all; param is the first
+        return first["ctx"]["names"].split(", ")[0], first["msg"]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    return param, f"{param}: {first['msg']}" if param else first["msg"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses
+
+
+def new_id(kind: Kind) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _envelope(id: str, obj: str, model: str, created: int | None, choices: list) -> dict:
+    return {"id": id, "object": obj, "created": int(time.time()) if created is None else created,
+            "model": model, "system_fingerprint": None, "choices": choices}
+
+
+def chat_completion(id: str, model: str, created: int | None, text: str, finish_reason: FinishReason,
+                    prompt_tokens: int, completion_tokens: int) -> dict:
+    message = {"role": "assistant", "content": text, "refusal": None}
+    body = _envelope(id, "chat.completion", model, created,
+                     [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}])
+    body["usage"] = usage(prompt_tokens, completion_tokens)
+    return body
+
+
+def chat_chunk(id: str, model: str, created: int | None, delta_text: str | None = None,
+               role: str | None = None, finish_reason: FinishReason | None = None,
+               include_usage: bool = False) -> dict:
+    """One streamed delta. With include_usage, OpenAI sends "usage": null on every chunk but the last."""
+    delta = {} if role is None else {"role": role}
+    if delta_text is not None:
+        delta["content"] = delta_text
+    body = _envelope(id, "chat.completion.chunk", model, created,
+                     [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
+    if include_usage:
+        body["usage"] = None
+    return body
+
+
+def usage_chunk(id: str, model: str, created: int | None, prompt_tokens: int, completion_tokens: int,
+                kind: Kind = "chat") -> dict:
+    """The last chunk of a stream with stream_options.include_usage: no choices, only usage."""
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    body = _envelope(id, obj, model, created, [])
+    body["usage"] = usage(prompt_tokens, completion_tokens)
+    return body
+
+
+def completion(id: str, model: str, created: int | None, text: str, finish_reason: FinishReason,
+               prompt_tokens: int, completion_tokens: int) -> dict:
+    body = _envelope(id, "text_completion", model, created,
+                     [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}])
+    body["usage"] = usage(prompt_tokens, completion_tokens)
+    return body
+
+
+def completion_chunk(id: str, model: str, created: int | None, text: str = "",
+                     finish_reason: FinishReason | None = None, include_usage: bool = False) -> dict:
+    body = _envelope(id, "text_completion", model, created,
+                     [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}])
+    if include_usage:
+        body["usage"] = None
+    return body
