@@ -83,6 +83,68 @@ def api(
 
 
 @app.command()
+def scheduler(
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING.")] = "INFO",
+) -> None:
+    """Run the scheduler: dispatches queued requests to workers by model, requeues a dead worker's work."""
+    from hotswap.logs import setup_logging
+    from hotswap.settings import get_settings
+    from scheduler.main import run_scheduler
+
+    setup_logging(log_level)
+    run_scheduler(get_settings())
+
+
+@app.command()
+def worker(
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda:N (default: HOTSWAP_DEVICE).")] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING.")] = "INFO",
+) -> None:
+    """Run a GPU worker: one engine with the base model, taking batches from the scheduler. One per GPU."""
+    from hotswap.logs import setup_logging
+    from hotswap.settings import get_settings
+    from worker.main import run_worker
+
+    setup_logging(log_level)
+    settings = get_settings()
+    if device:
+        settings = settings.model_copy(update={"device": device})
+    try:
+        run_worker(settings, loglevel=log_level)
+    except ValueError as exc:  # bad engine settings, no CUDA, ...
+        fail(str(exc))
+
+
+@app.command()
+def health(
+    role: Annotated[str, typer.Argument(help="scheduler | worker: which process on this host to check.")],
+) -> None:
+    """Exit 0 if that process's heartbeat in Redis is fresh (for container health checks)."""
+    import socket
+
+    import redis
+
+    from hotswap.settings import get_settings
+    from scheduler import keys
+    from scheduler.workers import live_workers
+
+    settings = get_settings()
+    try:
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+        if role == "scheduler":
+            ok = bool(client.exists(keys.PREFIX + "scheduler:alive"))
+        elif role == "worker":
+            ok = any(w.hostname == socket.gethostname() for w in live_workers(client))
+        else:
+            fail(f"unknown role {role!r}: use scheduler or worker")
+    except redis.RedisError as exc:
+        fail(f"cannot reach Redis at {settings.redis_url}: {exc}")
+    if not ok:
+        fail(f"no fresh heartbeat from a {role} on this host")
+    print("ok")
+
+
+@app.command()
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The text to continue (or the user message with --chat).")],
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = False,

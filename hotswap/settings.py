@@ -45,10 +45,35 @@ class Settings(BaseSettings):
     presign_expiry_s: int = Field(default=3600, ge=60)
 
     max_upload_mb: int = Field(default=40960, ge=1, description="Largest adapter / fine-tune upload accepted.")
+    max_batch_file_mb: int = Field(default=200, ge=1, description="Largest batch input file (POST /v1/files) accepted.")
 
     # Worker-side adapter disk cache
     adapter_cache_dir: Path | None = Field(default=None, description="Default: CACHE_DIR/adapters.")
     adapter_cache_gb: float = Field(default=20.0, gt=0)
+
+    # Scheduler: queues, batching, leases (see scheduler/policy.py for what each knob does)
+    max_batch: int = Field(default=32, ge=1, description="Most requests of one model dispatched to a worker at once.")
+    batch_window_ms: float = Field(default=50.0, ge=0, description="How long a batch-priority queue may wait to fill a batch.")
+    realtime_window_ms: float = Field(default=0.0, ge=0, description="The same for real-time requests (0: dispatch at once).")
+    realtime_boost_s: float = Field(default=30.0, ge=0, description="Aging: a batch request this much older ranks with a new real-time one.")
+    affinity_wait_s: float = Field(default=2.0, ge=0, description="How long a request waits for a worker that has its model before taking another.")
+    realtime_reserve: float = Field(default=0.1, ge=0, lt=1, description="Share of each worker that batch work leaves free.")
+    max_queued_realtime: int = Field(default=2000, ge=0, description="Real-time requests waiting, all tenants (0: no cap); over it: 429.")
+    max_queued_per_tenant: int = Field(default=500, ge=0, description="Real-time requests waiting per tenant (0: no cap).")
+    lease_s: float = Field(default=5.0, gt=0, description="A worker silent this long is dead; its requests are requeued.")
+    heartbeat_s: float = Field(default=1.0, gt=0)
+    claim_timeout_s: float = Field(default=30.0, gt=0, description="A dispatched request not picked up by then is requeued.")
+    max_attempts: int = Field(default=3, ge=1, description="Crashed runs after which a request is dead-lettered.")
+    result_ttl_s: int = Field(default=86400, ge=60, description="How long finished requests and their outputs stay in Redis.")
+
+    # Worker
+    worker_id: str | None = Field(default=None, description="Default: host-pid-random, unique per process.")
+    worker_max_inflight: int | None = Field(default=None, ge=1, description="Requests a worker takes at once (default: the engine's max_num_seqs).")
+    max_num_seqs: int = Field(default=64, ge=1, description="Sequences the engine runs in one step.")
+    max_loras: int = Field(default=8, ge=0, description="LoRA adapters resident in GPU slots at once.")
+    kv_cache_gb: float = Field(default=1.0, gt=0, description="KV cache size on CPU (on GPU it is sized from free memory).")
+    drain_timeout_s: float = Field(default=60.0, ge=0, description="On SIGTERM: how long running requests may finish before they are requeued.")
+    fault_crash_marker: str | None = Field(default=None, description="Fault injection for tests: a worker exits abruptly on a prompt containing this text.")
 
     # CLI -> API
     api_url: str = Field(default="http://127.0.0.1:8000", description="Where the CLI finds the API.")

@@ -44,6 +44,10 @@ class LoraSlots:
         self.num_loads = 0
         self.last_load_seconds = 0.0
 
+    def held(self) -> list[str]:
+        """Adapters in a device slot or in host memory: loading these again costs (almost) nothing."""
+        return list(dict.fromkeys([*self._resident, *self._host]))
+
     def slot_of(self, name: str) -> int | None:
         return self._resident.get(name)
 

@@ -1,0 +1,100 @@
+"""What the API, the scheduler and the workers say to each other about one generation request.
+
+A request is written to Redis once, as JSON of `GenerationRequest`, and never changes; its state
+(queued, running, done ...) lives beside it (see `scheduler/keys.py`). A worker streams
+`TokenEvent`s into the request's Redis stream and records one `GenerationResult`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Priority = Literal["realtime", "batch"]
+ModelKind = Literal["base", "lora", "full"]
+
+PRIORITIES: tuple[Priority, ...] = ("realtime", "batch")
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+class ModelTarget(BaseModel):
+    """Which weights a request runs on. `key` names the scheduler queue and is what workers hold."""
+
+    kind: ModelKind
+    ref: str | None = None  # "tenant/name@version" of a registered adapter or fine-tune; None for the base
+    digest: str | None = None  # content digest of the registered files (the worker's cache key)
+
+    @property
+    def key(self) -> str:
+        return "base" if self.kind == "base" else f"{self.kind}:{self.ref}"
+
+    @property
+    def weights(self) -> str:
+        """The full weights the worker must have resident: the base, or one full fine-tune."""
+        return self.key if self.kind == "full" else "base"
+
+    @classmethod
+    def from_key(cls, key: str) -> "ModelTarget":
+        if key == "base":
+            return cls(kind="base")
+        kind, _, ref = key.partition(":")
+        return cls(kind=kind, ref=ref)
+
+
+class SamplingSpec(BaseModel):
+    max_tokens: int = Field(ge=1)
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    ignore_eos: bool = False
+
+
+class GenerationRequest(BaseModel):
+    id: str = Field(default_factory=new_request_id)
+    tenant: str
+    base_model: str
+    model: str  # the name the client used, echoed in responses
+    target: ModelTarget
+    prompt_token_ids: list[int]
+    sampling: SamplingSpec
+    priority: Priority = "realtime"
+    stream: bool = False  # stream token events (real-time streaming calls); otherwise only the result
+    created_at: float = Field(default_factory=time.time)
+    batch_id: str | None = None  # set for lines of a batch job
+    custom_id: str | None = None
+
+
+class TokenEvent(BaseModel):
+    """One entry of a request's output stream. `attempt` changes when a request is rerun after a
+    worker crash; `offset` is where `text` starts in that attempt's output, so a reader that already
+    passed it can skip what it has seen."""
+
+    attempt: int
+    offset: int
+    text: str
+    token_ids: list[int]
+
+
+class GenerationResult(BaseModel):
+    id: str
+    status: Literal["completed", "failed", "cancelled"]
+    text: str = ""
+    token_ids: list[int] = Field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: dict | None = None  # {"code", "message"} when status is "failed"
+    worker: str | None = None
+    attempts: int = 0
+    queued_at: float = 0.0
+    started_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float = Field(default_factory=time.time)

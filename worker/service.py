@@ -1,0 +1,274 @@
+"""The worker service: one engine, fed by Celery batches, reporting through Redis.
+
+Threads:
+- Celery's (solo pool) calls `accept(ids)` for each dispatched batch: it claims the requests in
+  Redis (a redelivered message claims nothing), fetches adapters to the disk cache, and hands them
+  to the engine thread. It returns at once, so batches overlap in the engine.
+- The engine thread owns the engine: admits requests, runs steps, streams tokens into each
+  request's Redis stream, records each result once (`Queues.complete` checks ownership).
+- The heartbeat thread renews the lease and the registration (which models it holds, its room).
+
+Nothing is lost on the way: a request is in Redis until its result is; if this process dies the
+reaper requeues what it held, and `drain()` (SIGTERM) finishes or requeues everything first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from hotswap.protocol import GenerationRequest, GenerationResult, TokenEvent
+from scheduler import keys
+from scheduler.dispatcher import STATS
+from scheduler.queues import Queues
+from scheduler.workers import WorkerInfo, deregister, heartbeat
+from worker.targets import LocalModel, TargetError, fetch_target
+
+log = logging.getLogger("hotswap.worker")
+
+
+def new_worker_id() -> str:
+    host = socket.gethostname().split(".")[0].lower()
+    safe = "".join(c if c.isalnum() or c == "-" else "-" for c in host)[:24]
+    return f"{safe}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class Live:
+    """A request running in the engine, and what it produced so far."""
+
+    req: GenerationRequest
+    attempt: int
+    started_at: float
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+    prompt_tokens: int = 0
+
+
+class WorkerService:
+    def __init__(self, engine, redis_client, registry, cache, settings, worker_id: str | None = None):
+        self.engine = engine
+        self.redis = redis_client
+        self.registry, self.cache = registry, cache
+        self.settings = settings
+        self.id = worker_id or settings.worker_id or new_worker_id()
+        self.queues = Queues(redis_client, result_ttl_s=settings.result_ttl_s)
+        self.info = WorkerInfo(
+            id=self.id, base_model=settings.base_model, queue=keys.celery_queue(settings.base_model, self.id),
+            max_inflight=settings.worker_max_inflight or engine.config.max_num_seqs,
+            hostname=socket.gethostname(), pid=os.getpid(), device=str(engine.device),
+        )
+        self._inbox: queue.Queue[tuple[GenerationRequest, int, LocalModel]] = queue.Queue()
+        self._live: dict[str, Live] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lease_lost = threading.Event()
+        self.accepting = True
+        self._threads: list[threading.Thread] = []
+        self._weights = "base"
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._refresh_info()
+        heartbeat(self.redis, self.info, self.settings.lease_s, first=True)
+        for target, name in ((self._engine_loop, "engine"), (self._heartbeat_loop, "heartbeat")):
+            t = threading.Thread(target=target, name=f"hotswap-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("worker %s ready (queue %s, room for %d requests)", self.id, self.info.queue, self.info.max_inflight)
+
+    def drain(self, timeout_s: float | None = None) -> int:
+        """Stop taking work, let running requests finish for up to `timeout_s`, requeue the rest
+        (not counted as a crash), and leave. Returns how many were requeued."""
+        timeout_s = self.settings.drain_timeout_s if timeout_s is None else timeout_s
+        self.accepting = False
+        self.info.draining = True
+        heartbeat(self.redis, self.info, self.settings.lease_s)
+        deadline = time.monotonic() + timeout_s
+        while (self._live or not self._inbox.empty()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout=10)
+        requeued = 0
+        for rid in self.queues.inflight(self.id):
+            requeued += self.queues.requeue(rid, self.id, crashed=False) == "requeued"
+        deregister(self.redis, self.id)
+        self.redis.delete(self.info.queue, keys.worker_inflight(self.id), keys.worker_models(self.id),
+                          keys.worker_cancels(self.id))
+        log.info("worker %s drained: %d request(s) requeued", self.id, requeued)
+        return requeued
+
+    # -- Celery side ------------------------------------------------------------------------------
+
+    def accept(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            if not self.accepting:  # draining: hand it straight back, it never ran here
+                self.queues.requeue(rid, self.id, crashed=False)
+                continue
+            claimed = self.queues.claim(rid, self.id)
+            if claimed is None:
+                continue  # finished, cancelled, or given to another worker: a stale message
+            req, attempt = claimed
+            try:
+                model = fetch_target(req.target, self.registry, self.cache)
+            except TargetError as exc:
+                self._fail(req, attempt, "model_unavailable", str(exc))
+                continue
+            self._inbox.put((req, attempt, model))
+        self._wake.set()
+
+    # -- engine thread ----------------------------------------------------------------------------
+
+    def _engine_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self._lease_lost.is_set():
+                    self._drop_everything()
+                self._admit()
+                self._apply_cancels()
+                if self.engine.has_unfinished():
+                    self._publish(self.engine.step())
+                    self._note_weights()
+                else:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+            except Exception:
+                # The engine is in an unknown state: exit so the reaper requeues our requests, and
+                # a request that keeps doing this ends in dead-letter after max_attempts.
+                log.exception("engine step failed; exiting so our requests are retried elsewhere")
+                os._exit(70)
+
+    def _admit(self) -> None:
+        while True:
+            try:
+                req, attempt, model = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            self._crash_if_marked(req)
+            try:
+                adapter, finetune = self._ensure_registered(model)
+            except Exception as exc:  # a broken checkpoint fails its requests, not the worker
+                self._fail(req, attempt, "model_unavailable", f"cannot load {model.key}: {exc}")
+                continue
+            try:
+                self.engine.add_request(req.prompt_token_ids, self._sampling(req), request_id=req.id,
+                                        adapter=adapter, finetune=finetune)
+            except ValueError as exc:
+                self._fail(req, attempt, "invalid_request", str(exc))
+                continue
+            self._live[req.id] = Live(req, attempt, started_at=time.time(), prompt_tokens=len(req.prompt_token_ids))
+
+    def _crash_if_marked(self, req: GenerationRequest) -> None:
+        marker = self.settings.fault_crash_marker
+        if marker and self.engine.tokenizer is not None and marker in self.engine.tokenizer.decode(req.prompt_token_ids):
+            log.error("fault injection: prompt of %s carries the crash marker; exiting", req.id)
+            os._exit(71)
+
+    def _ensure_registered(self, model: LocalModel) -> tuple[str | None, str | None]:
+        if model.kind == "base":
+            return None, None
+        if model.kind == "lora":
+            if model.key not in self.engine.adapters:
+                self.engine.register_adapter(model.key, model.path)
+                self.redis.hincrby(STATS, "adapter_registrations", 1)
+            return model.key, None
+        if model.key not in self.engine.finetunes:
+            self.engine.register_finetune(model.key, model.path)
+        return None, model.key
+
+    @staticmethod
+    def _sampling(req: GenerationRequest):
+        from worker.engine.sampling_params import SamplingParams
+
+        s = req.sampling
+        return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                              seed=s.seed, stop=list(s.stop), ignore_eos=s.ignore_eos)
+
+    def _publish(self, outputs) -> None:
+        now = time.time()
+        finished = []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for out in outputs:
+                live = self._live.get(out.request_id)
+                if live is None:
+                    continue
+                if live.first_token_at is None and out.new_token_ids:
+                    live.first_token_at = now
+                if live.req.stream and (out.text or out.new_token_ids):
+                    event = TokenEvent(attempt=live.attempt, offset=len(live.text), text=out.text,
+                                       token_ids=out.new_token_ids)
+                    pipe.xadd(keys.output(live.req.id), {"event": event.model_dump_json()})
+                live.text += out.text
+                live.token_ids += out.new_token_ids
+                if out.finished:
+                    finished.append((live, out.finish_reason))
+            pipe.execute()
+        for live, reason in finished:
+            self._record(live, "completed", reason)
+
+    def _record(self, live: Live, status: str, finish_reason: str | None) -> None:
+        self._live.pop(live.req.id, None)
+        result = GenerationResult(
+            id=live.req.id, status=status, text=live.text, token_ids=live.token_ids, finish_reason=finish_reason,
+            prompt_tokens=live.prompt_tokens, completion_tokens=len(live.token_ids), worker=self.id,
+            attempts=live.attempt, queued_at=live.req.created_at, started_at=live.started_at,
+            first_token_at=live.first_token_at,
+        )
+        if not self.queues.complete(result, self.id, live.attempt):
+            log.warning("result of %s not recorded: this worker no longer owns it", live.req.id)
+
+    def _fail(self, req: GenerationRequest, attempt: int, code: str, message: str) -> None:
+        result = GenerationResult(id=req.id, status="failed", error={"code": code, "message": message},
+                                  prompt_tokens=len(req.prompt_token_ids), worker=self.id, attempts=attempt,
+                                  queued_at=req.created_at)
+        self.queues.complete(result, self.id, attempt)
+
+    def _apply_cancels(self) -> None:
+        for rid in self.queues.pop_cancels(self.id):
+            live = self._live.get(rid)
+            if live is not None and self.engine.abort(rid):
+                self._record(live, "cancelled", "abort")
+
+    def _drop_everything(self) -> None:
+        """Our lease lapsed and the reaper gave our requests to others: drop them all here."""
+        log.warning("worker %s lost its lease: dropping %d running requests", self.id, len(self._live))
+        for rid in list(self._live):
+            self.engine.abort(rid)
+        self._live.clear()
+        while not self._inbox.empty():
+            self._inbox.get_nowait()
+        self._lease_lost.clear()
+        heartbeat(self.redis, self.info, self.settings.lease_s, first=True)  # back, with a clean slate
+
+    def _note_weights(self) -> None:
+        current = self.engine.batcher.current_finetune or "base"
+        if current != self._weights:
+            self._weights = current
+            self.redis.hincrby(STATS, "full_swaps", 1)
+
+    # -- heartbeat thread -------------------------------------------------------------------------
+
+    def _refresh_info(self) -> None:
+        slots = getattr(self.engine, "lora_slots", None)
+        self.info.holds = slots.held() if slots is not None else []
+        self.info.weights = self._weights
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_s):
+            try:
+                self._refresh_info()
+                if not self._lease_lost.is_set() and not heartbeat(self.redis, self.info, self.settings.lease_s):
+                    self._lease_lost.set()  # the engine thread drops our work, then re-registers
+                    self._wake.set()
+            except Exception:
+                log.exception("heartbeat failed (Redis unreachable?); retrying")
