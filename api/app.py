@@ -18,11 +18,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         import redis
 
         from adapters.registry import Registry
+        from hotswap.files import FileCatalog
         from hotswap.storage import open_store
 
         app.state.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
         app.state.store = open_store(settings)
         app.state.registry = Registry(app.state.redis, app.state.store)
+        app.state.files = FileCatalog(app.state.redis, app.state.store)
         try:
             yield
         finally:
@@ -45,9 +47,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                        f"{settings.max_upload_mb} MB (HOTSWAP_MAX_UPLOAD_MB)", code="upload_too_large")
         return await call_next(request)
 
-    from api.routes import adapters, health
+    from api.routes import adapters, files, health
 
     app.include_router(health.router)
     app.include_router(adapters.base_router)
     app.include_router(adapters.router)
+    app.include_router(files.router)
     return app

@@ -26,6 +26,10 @@ def get_registry(request: Request):
     return request.app.state.registry
 
 
+def get_files(request: Request):
+    return request.app.state.files
+
+
 def current_tenant(request: Request, redis_client=Depends(get_redis)) -> str:
     from api.auth import tenant_for_key
 
