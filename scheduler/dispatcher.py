@@ -7,6 +7,7 @@ hand out the same request twice.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -20,6 +21,7 @@ from scheduler.workers import WorkerInfo, live_workers, reap
 log = logging.getLogger("hotswap.scheduler")
 
 STATS = keys.PREFIX + "stats"  # HASH of counters shown by /metrics
+DISPATCH_LOG = keys.PREFIX + "dispatch_log"  # LIST of the latest dispatched batches (JSON), newest first
 
 
 def policy_config(settings) -> PolicyConfig:
@@ -85,7 +87,10 @@ class Dispatcher:
             for rid in ids:
                 self.queues.requeue(rid, worker.id, crashed=False)
             return
+        entry = {"at": time.time(), "worker": worker.id, "queue": queue, "ids": ids}
         with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lpush(DISPATCH_LOG, json.dumps(entry))
+            pipe.ltrim(DISPATCH_LOG, 0, 999)
             pipe.hincrby(STATS, "batches_dispatched", 1)
             pipe.hincrby(STATS, "requests_dispatched", len(ids))
             pipe.execute()

@@ -160,6 +160,7 @@ if attempts >= tonumber(ARGV[4]) then
 end
 local qclass = f[5]
 if attempts >= tonumber(ARGV[5]) then qclass = 'suspect' end
+redis.call('HSET', r, 'requeued_at', ARGV[7])
 push(id, qclass)
 return 'requeued'
 """

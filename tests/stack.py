@@ -1,0 +1,130 @@
+"""A live hotswap stack for end-to-end tests: real `hotswap worker` and `hotswap scheduler`
+subprocesses (Celery, the demo model on CPU) on a real Redis and real object storage."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import redis
+
+HOTSWAP = [sys.executable, "-c", "from hotswap.cli import main; main()"]
+
+
+def stack_env(redis_url: str, storage_env: dict[str, str], model_dir: Path, cache_dir: Path, **overrides) -> dict:
+    env = dict(os.environ)
+    env.update(storage_env)
+    env.update({
+        "HOTSWAP_REDIS_URL": redis_url,
+        "HOTSWAP_BASE_MODEL_DIR": str(model_dir),
+        "HOTSWAP_CACHE_DIR": str(cache_dir),
+        "HOTSWAP_DEVICE": "cpu",
+        "HOTSWAP_KV_CACHE_GB": "0.1",
+        "HOTSWAP_MAX_NUM_SEQS": "16",
+        "HOTSWAP_MAX_LORAS": "4",
+        "HOTSWAP_LEASE_S": "2",
+        "HOTSWAP_HEARTBEAT_S": "0.4",
+        "OMP_NUM_THREADS": "1",  # two workers on a 2-core machine: do not oversubscribe
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+class Stack:
+    """Workers and a scheduler as subprocesses. `supervise=True` restarts a worker that exits,
+    as systemd or Kubernetes would."""
+
+    def __init__(self, env: dict, log_dir: Path, workers: int = 1, supervise: bool = False):
+        self.env, self.log_dir, self.num_workers, self.supervise = env, Path(log_dir), workers, supervise
+        self.redis = redis.Redis.from_url(env["HOTSWAP_REDIS_URL"])
+        self.workers: list[subprocess.Popen | None] = [None] * workers
+        self.scheduler: subprocess.Popen | None = None
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._watch: threading.Thread | None = None
+
+    def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "ab")
+        return subprocess.Popen(HOTSWAP + args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def start_worker(self, i: int) -> subprocess.Popen:
+        self.workers[i] = self._spawn(["worker"], f"worker{i}")
+        return self.workers[i]
+
+    def __enter__(self) -> "Stack":
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(self.num_workers):
+            self.start_worker(i)
+        self.scheduler = self._spawn(["scheduler"], "scheduler")
+        self.wait_workers(self.num_workers)
+        if self.supervise:
+            self._watch = threading.Thread(target=self._supervise, daemon=True)
+            self._watch.start()
+        return self
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(0.2):
+            for i, proc in enumerate(self.workers):
+                if proc is not None and proc.poll() is not None:
+                    self.restarts += 1
+                    self.start_worker(i)
+
+    def live_workers(self):
+        from scheduler.workers import live_workers
+
+        return live_workers(self.redis)
+
+    def wait_workers(self, n: int, timeout: float = 120) -> list:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            live = self.live_workers()
+            if len(live) >= n:
+                return live
+            for i, proc in enumerate(self.workers):
+                if proc is not None and proc.poll() is not None and not self.supervise:
+                    raise RuntimeError(f"worker {i} exited with {proc.returncode}: see {self.log_dir}/worker{i}.log")
+            time.sleep(0.2)
+        raise TimeoutError(f"{n} workers did not come up in {timeout} s: see {self.log_dir}")
+
+    def worker_index(self, worker_id: str) -> int:
+        pid = next(w.pid for w in self.live_workers() if w.id == worker_id)
+        return next(i for i, p in enumerate(self.workers) if p is not None and p.pid == pid)
+
+    def kill_worker(self, i: int, sig: int = signal.SIGKILL) -> None:
+        self.workers[i].send_signal(sig)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._watch:
+            self._watch.join(timeout=5)
+        for proc in [*self.workers, self.scheduler]:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        for proc in [*self.workers, self.scheduler]:
+            if proc is not None:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def wait_results(queues, ids: list[str], timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    results = {}
+    while time.monotonic() < deadline and len(results) < len(ids):
+        for rid in ids:
+            if rid not in results:
+                res = queues.result(rid)
+                if res is not None:
+                    results[rid] = res
+        time.sleep(0.1)
+    missing = [rid for rid in ids if rid not in results]
+    if missing:
+        raise TimeoutError(f"{len(missing)} of {len(ids)} requests unfinished, e.g. {queues.state(missing[0])}")
+    return results
