@@ -10,12 +10,30 @@ from api.errors import install_error_handlers
 from hotswap.settings import Settings, get_settings
 
 
+def load_base_tokenizer(settings):
+    """The base model's tokenizer and context length (the API tokenizes; it never loads weights).
+    (None, 0) when the model dir is missing: generation then answers 503 saying where it looked."""
+    import json
+
+    from hotswap.demo_model import demo_model_dir
+    from hotswap.tokenizer import Tokenizer
+
+    model_dir = settings.base_model_dir or demo_model_dir(settings.model_root)
+    if not (model_dir / "config.json").exists() or not (model_dir / "tokenizer.json").exists():
+        return None, 0
+    config = json.loads((model_dir / "config.json").read_text())
+    return Tokenizer(model_dir), int(config.get("max_position_embeddings") or 32768)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         import redis
+        import redis.asyncio
+
+        from scheduler.aio import AsyncQueues
 
         from adapters.registry import Registry
         from hotswap.files import FileCatalog
@@ -25,10 +43,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = open_store(settings)
         app.state.registry = Registry(app.state.redis, app.state.store)
         app.state.files = FileCatalog(app.state.redis, app.state.store)
+        app.state.aredis = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=30)
+        app.state.aqueues = AsyncQueues(app.state.aredis, result_ttl_s=settings.result_ttl_s)
+        app.state.tokenizer, app.state.base_max_len = load_base_tokenizer(settings)
         try:
             yield
         finally:
             app.state.redis.close()
+            await app.state.aredis.aclose()
 
     app = FastAPI(title="hotswap", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible serving of many fine-tunes of one base model.")
@@ -47,10 +69,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                        f"{settings.max_upload_mb} MB (HOTSWAP_MAX_UPLOAD_MB)", code="upload_too_large")
         return await call_next(request)
 
-    from api.routes import adapters, files, health
+    from api.routes import adapters, chat, completions, files, health, models
 
     app.include_router(health.router)
     app.include_router(adapters.base_router)
     app.include_router(adapters.router)
     app.include_router(files.router)
+    app.include_router(chat.router)
+    app.include_router(completions.router)
+    app.include_router(models.router)
     return app

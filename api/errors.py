@@ -50,6 +50,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation_error(_: Request, exc: RequestValidationError):
         # OpenAI answers bad parameters with a 400 naming the parameter.
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "unsupported_parameter":  # names every unsupported parameter at once
+            return error_response(400, first["msg"], param=first["ctx"]["names"].split(", ")[0],
+                                  code="unsupported_parameter")
+        if first.get("type") == "json_invalid":
+            return error_response(400, "the request body is not valid JSON: "
+                                       f"{first.get('ctx', {}).get('error', 'parse error')}", code="invalid_json")
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "form")]
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")

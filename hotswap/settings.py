@@ -60,6 +60,7 @@ class Settings(BaseSettings):
     realtime_reserve: float = Field(default=0.1, ge=0, lt=1, description="Share of each worker that batch work leaves free.")
     max_queued_realtime: int = Field(default=2000, ge=0, description="Real-time requests waiting, all tenants (0: no cap); over it: 429.")
     max_queued_per_tenant: int = Field(default=500, ge=0, description="Real-time requests waiting per tenant (0: no cap).")
+    request_timeout_s: float = Field(default=600.0, gt=0, description="A real-time call waiting longer is cancelled (504).")
     lease_s: float = Field(default=5.0, gt=0, description="A worker silent this long is dead; its requests are requeued.")
     heartbeat_s: float = Field(default=1.0, gt=0)
     claim_timeout_s: float = Field(default=30.0, gt=0, description="A dispatched request not picked up by then is requeued.")

@@ -7,7 +7,6 @@ scripts in `scheduler/client.py`.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
@@ -54,17 +53,7 @@ class Queues:
 
     def submit(self, req: GenerationRequest, *, cap: int = 0, tenant_cap: int = 0) -> None:
         """Queue `req` at its priority. Caps of 0 mean unbounded. Raises QueueFull."""
-        answer = _text(self._enqueue(args=[
-            req.id, req.model_dump_json(), req.base_model, req.target.key, req.priority, repr(req.created_at),
-            req.tenant, req.batch_id or "", cap, tenant_cap,
-        ]))
-        if answer == "full":
-            raise QueueFull(f"the server's {req.priority} queue is full ({cap} waiting requests)", "global")
-        if answer == "full_tenant":
-            raise QueueFull(f"tenant {req.tenant!r} has {tenant_cap} {req.priority} requests waiting, the most allowed",
-                            "tenant")
-        if answer == "exists":
-            raise ValueError(f"request id {req.id!r} already exists")
+        check_enqueued(self._enqueue(args=enqueue_args(req, cap, tenant_cap)), req, cap, tenant_cap)
 
     def cancel(self, request_id: str, tenant: str | None = None) -> str:
         """'cancelled' (it was not running), 'cancelling' (its worker will abort it), 'unknown', or the
@@ -148,5 +137,17 @@ class Queues:
         return [_text(i) for i in ids]
 
 
-def load_json(raw) -> dict:
-    return json.loads(raw) if raw else {}
+def enqueue_args(req: GenerationRequest, cap: int, tenant_cap: int) -> list:
+    return [req.id, req.model_dump_json(), req.base_model, req.target.key, req.priority, repr(req.created_at),
+            req.tenant, req.batch_id or "", cap, tenant_cap]
+
+
+def check_enqueued(answer, req: GenerationRequest, cap: int, tenant_cap: int) -> None:
+    answer = _text(answer)
+    if answer == "full":
+        raise QueueFull(f"the server's {req.priority} queue is full ({cap} waiting requests)", "global")
+    if answer == "full_tenant":
+        raise QueueFull(f"tenant {req.tenant!r} has {tenant_cap} {req.priority} requests waiting, the most allowed",
+                        "tenant")
+    if answer == "exists":
+        raise ValueError(f"request id {req.id!r} already exists")

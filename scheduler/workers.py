@@ -25,6 +25,7 @@ class WorkerInfo(BaseModel):
     base_model: str
     queue: str  # its Celery queue
     max_inflight: int
+    max_model_len: int = 0  # longest prompt + output its engine takes
     weights: str = "base"  # the full weights resident: "base" or "full:tenant/name@v"
     holds: list[str] = Field(default_factory=list)  # LoRA model keys in its GPU slots or host tier
     draining: bool = False

@@ -63,6 +63,7 @@ class WorkerService:
         self.info = WorkerInfo(
             id=self.id, base_model=settings.base_model, queue=keys.celery_queue(settings.base_model, self.id),
             max_inflight=settings.worker_max_inflight or engine.config.max_num_seqs,
+            max_model_len=engine.max_model_len,
             hostname=socket.gethostname(), pid=os.getpid(), device=str(engine.device),
         )
         self._inbox: queue.Queue[tuple[GenerationRequest, int, LocalModel]] = queue.Queue()

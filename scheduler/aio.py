@@ -1,0 +1,67 @@
+"""The API's asyncio view of the queues: submit, cancel, follow a request's output, find workers.
+
+Same scripts and keys as `scheduler.queues` (the sync side used by the dispatcher and workers).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from hotswap.protocol import GenerationRequest, GenerationResult, TokenEvent
+from scheduler import keys, lua
+from scheduler.queues import check_enqueued, enqueue_args
+from scheduler.workers import WorkerInfo
+
+
+class AsyncQueues:
+    def __init__(self, aredis, *, result_ttl_s: int):
+        self.redis = aredis
+        self.ttl = result_ttl_s
+        self._enqueue = aredis.register_script(lua.ENQUEUE)
+        self._cancel = aredis.register_script(lua.CANCEL)
+
+    async def submit(self, req: GenerationRequest, *, cap: int = 0, tenant_cap: int = 0) -> None:
+        check_enqueued(await self._enqueue(args=enqueue_args(req, cap, tenant_cap)), req, cap, tenant_cap)
+
+    async def cancel(self, request_id: str, tenant: str | None = None) -> str:
+        answer = await self._cancel(args=[request_id, tenant or "", self.ttl, time.time()])
+        return answer.decode() if isinstance(answer, bytes) else str(answer)
+
+    async def follow(self, request_id: str, *, block_ms: int = 1000) -> AsyncIterator[str | GenerationResult | None]:
+        """New text as the request produces it, then its `GenerationResult`. Yields None after each
+        `block_ms` without news, so the caller can check its client is still there.
+
+        After a worker crash the request reruns from the start (attempt + 1); text this reader
+        already passed on is skipped by offset, so a client never sees a repeat."""
+        last, sent = "0-0", 0
+        stream = keys.output(request_id)
+        while True:
+            got = await self.redis.xread({stream: last}, block=block_ms, count=256)
+            if not got:
+                yield None
+                continue
+            for entry_id, fields in got[0][1]:
+                last = entry_id
+                if b"result" in fields:
+                    yield GenerationResult.model_validate_json(fields[b"result"])
+                    return
+                event = TokenEvent.model_validate_json(fields[b"event"])
+                end = event.offset + len(event.text)
+                if end > sent:
+                    yield event.text[max(0, sent - event.offset):]
+                    sent = end
+
+
+async def live_workers(aredis, base_model: str) -> list[WorkerInfo]:
+    """Registered workers of `base_model` whose lease holds (not draining)."""
+    raw = await aredis.hgetall(keys.WORKERS)
+    infos = [WorkerInfo.model_validate_json(v) for v in raw.values()]
+    infos = [w for w in infos if w.base_model == base_model and not w.draining]
+    if not infos:
+        return []
+    async with aredis.pipeline(transaction=False) as pipe:
+        for w in infos:
+            pipe.exists(keys.worker_alive(w.id))
+        flags = await pipe.execute()
+    return [w for w, ok in zip(infos, flags) if ok]
