@@ -1,0 +1,424 @@
+"""The job runner: advances every active batch job a little each tick (a thread of `hotswap scheduler`).
+
+One step of a job, by status (records, keys and the what-goes-where rule: `scheduler/jobs.py`):
+- validating: read the input file once, judge every line (`job_lines.validate_lines`), store the
+  requests that will run as prepared objects, then in one transaction: -> in_progress (refused
+  bodies already in the error list) or -> failed (errors.data). A runner that dies meanwhile
+  simply validates again: nothing was published.
+- in_progress: collect finished requests, then feed: keep at most HOTSWAP_BATCH_FEED_WINDOW of
+  the job's requests in the queues (priority "batch", no global cap), so a 50k-line job neither
+  floods Redis nor starves others. Past expires_at: -> finalizing (ending "expired").
+- cancelling / finalizing: cancel what is open (cancel or expiry), wait until every open request
+  has finished, write the output and error files, -> completed | cancelled | expired.
+
+Exactly once, across restarts (all state is in Redis and storage; a restarted runner resumes):
+- feeding: the requests queued in a tick, their ids added to the job's open set and the cursor
+  moved past them are one MULTI; request ids are fixed at validation, so re-queueing after a crash
+  is refused by the queue ('exists') instead of running twice.
+- collecting: ids are read from the head of the job's finished list (each is pushed exactly once by
+  the queues), and their result lines appended, the head trimmed, the ids removed from the open
+  set and the counts updated in one MULTI; an id not in the open set is dropped, never written.
+- files: written under fixed names and looked up before writing, so a runner that died after
+  writing one reuses it.
+- every write is fenced by the runner lease (`hotswap:jobs:runner`): with several schedulers only
+  the holder works, and one that stalled past its lease cannot write anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+from hotswap.files import FileNotFound
+from hotswap.protocol import GenerationRequest, GenerationResult
+from hotswap.storage import StorageError
+from scheduler import keys, lua
+from scheduler.job_lines import validate_lines
+from scheduler.job_output import classify, expired_line, iter_redis_list, unrun_line, write_result_file
+from scheduler.jobs import (ACTIVE, PREPARED_CHUNK, RUNNER_LOCK, TERMINAL, JobNotFound, JobRecord, JobStore, LockLost,
+                            job_errors, job_open, job_output, job_prefix, prepared_key, update)
+from scheduler.prepare import ServedModel
+from scheduler.queues import Queues, enqueue_args
+
+log = logging.getLogger("hotswap.jobs")
+
+LEASE_S = 15.0
+COLLECT_CHUNK = 1000
+_DEFAULT_MODEL_LEN = 32768
+
+_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+class ServedUnavailable(Exception):
+    """The scheduler cannot judge lines now (the base model's tokenizer is missing): retry later."""
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class JobRunner:
+    def __init__(self, redis_client, store, files, registry, settings, *, served: ServedModel | None = None,
+                 runner_id: str | None = None):
+        self.redis, self.store, self.files, self.registry, self.settings = redis_client, store, files, registry, settings
+        self.jobs = JobStore(redis_client, window_s=settings.batch_completion_window_s)
+        self.queues = Queues(redis_client, result_ttl_s=settings.result_ttl_s)
+        self._enqueue = redis_client.register_script(lua.ENQUEUE)
+        self._renew = redis_client.register_script(_RENEW)
+        self._release = redis_client.register_script(_RELEASE)
+        self.id = runner_id or f"{socket.gethostname().split('.')[0]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._served = served
+        self._base: tuple[object, int] | None = None  # (tokenizer, context length of the model config)
+        self._chunks: dict[str, tuple[int, list[str]]] = {}  # batch id -> (chunk index, its lines)
+        self._cancel_sent: set[str] = set()
+        self.stop_event = threading.Event()
+
+    @classmethod
+    def from_settings(cls, redis_client, settings) -> "JobRunner":
+        from adapters.registry import Registry
+        from hotswap.files import FileCatalog
+        from hotswap.storage import open_store
+
+        store = open_store(settings)
+        return cls(redis_client, store, FileCatalog(redis_client, store), Registry(redis_client, store), settings)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        log.info("job runner %s running", self.id)
+        while not self.stop_event.is_set():
+            try:
+                self.tick()
+            except Exception:  # Redis hiccup: log, go on; jobs are all in Redis
+                log.exception("job runner round failed")
+            self.stop_event.wait(self.settings.batch_poll_s)
+        self.release()
+        log.info("job runner %s stopped", self.id)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def tick(self) -> int:
+        """Advance every active job one step; returns how many there were (0 if another runner holds
+        the lease)."""
+        if not self.acquire():
+            self._chunks.clear()
+            self._cancel_sent.clear()
+            return 0
+        members = [_text(m) for m in self.redis.zrange(ACTIVE, 0, -1)]
+        for member in members:
+            tenant, _, batch_id = member.partition("/")
+            try:
+                self.step(tenant, batch_id)
+            except LockLost:
+                return 0
+            except Exception:
+                log.exception("batch %s: step failed (retried next round)", batch_id)
+        return len(members)
+
+    def acquire(self) -> bool:
+        ms = int(LEASE_S * 1000)
+        return bool(self.redis.set(RUNNER_LOCK, self.id, nx=True, px=ms) or self._renew(keys=[RUNNER_LOCK],
+                                                                                          args=[self.id, ms]))
+
+    def release(self) -> None:
+        self._release(keys=[RUNNER_LOCK], args=[self.id])
+
+    def _keep_lease(self, _n: int = 0) -> None:
+        if not self.acquire():
+            raise LockLost(f"runner {self.id} lost its lease")
+
+    def _update(self, record: JobRecord, change) -> JobRecord:
+        return update(self.redis, record.tenant, record.id, change, lock=(RUNNER_LOCK, self.id))
+
+    # -- one job ----------------------------------------------------------------------------------
+
+    def step(self, tenant: str, batch_id: str) -> JobRecord | None:
+        try:
+            record = self.jobs.get(tenant, batch_id)
+        except JobNotFound:
+            self.redis.zrem(ACTIVE, f"{tenant}/{batch_id}")
+            return None
+        if record.status in TERMINAL:
+            self.redis.zrem(ACTIVE, record.member)
+            return record
+        now = time.time()
+        if record.status == "validating":
+            if now >= record.expires_at:
+                return self._finish(self._end_soon(record, "expired", from_status="validating"))
+            record = self._validate(record)
+            if record.status in ("validating", "failed"):
+                return record
+        if record.status == "in_progress":
+            if now >= record.expires_at:
+                record = self._end_soon(record, "expired", from_status="in_progress")
+            else:
+                record = self._feed(self._collect(record))
+                if self._all_in(record):
+                    record = self._end_soon(record, "completed", from_status="in_progress")
+                if record.status == "in_progress":
+                    return record
+        return self._finish(record)
+
+    def _end_soon(self, record: JobRecord, ending: str, *, from_status: str) -> JobRecord:
+        def change(r: JobRecord, _pipe):
+            if r.status != from_status:
+                return None
+            return r.model_copy(update={"status": "finalizing", "finalizing_at": int(time.time()), "ending": ending})
+
+        return self._update(record, change)
+
+    def _all_in(self, record: JobRecord) -> bool:
+        if record.status != "in_progress" or record.fed < record.prepared:
+            return False
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.scard(job_open(record.id))
+            pipe.llen(keys.job_finished(record.id))
+            open_, finished = pipe.execute()
+        return open_ == 0 and finished == 0
+
+    # -- validating -------------------------------------------------------------------------------
+
+    def served_model(self) -> ServedModel:
+        if self._served is not None:
+            return self._served
+        from scheduler.workers import live_workers
+
+        if self._base is None:
+            self._base = _load_base(self.settings)
+        tokenizer, config_len = self._base
+        limits = [w.max_model_len for w in live_workers(self.redis, self.settings.base_model) if w.max_model_len]
+        return ServedModel(self.settings.base_model, tokenizer, min(min(limits or [_DEFAULT_MODEL_LEN]), config_len))
+
+    def _validate(self, record: JobRecord) -> JobRecord:
+        try:
+            served = self.served_model()
+        except ServedUnavailable as exc:
+            log.warning("batch %s waits in validating: %s", record.id, exc)
+            return record
+        self.store.delete_prefix(job_prefix(record.tenant, record.id))  # a half-done earlier try
+        writer = _ChunkWriter(self.store, record.tenant, record.id)
+        try:
+            result = validate_lines(self.files.iter_lines(record.tenant, record.input_file_id),
+                                    endpoint=record.endpoint, tenant=record.tenant, batch_id=record.id,
+                                    served=served, registry=self.registry, max_lines=self.settings.batch_max_lines,
+                                    sink=writer.add, progress=self._keep_lease)
+            writer.close()
+            errors, error_count = result.errors, result.error_count
+        except FileNotFound:
+            errors = [{"code": "file_not_found", "message": f"the input file {record.input_file_id} was deleted "
+                       "before the batch started", "param": "input_file_id", "line": None}]
+            error_count = 1
+        except StorageError as exc:  # a checksum mismatch: the whole file is suspect
+            errors = [{"code": "file_unreadable", "message": f"the input file could not be read intact: {exc}",
+                       "param": "input_file_id", "line": None}]
+            error_count = 1
+        if errors:
+            if error_count > len(errors):
+                errors = [*errors, {"code": "too_many_errors", "message": f"{error_count - len(errors)} more "
+                                    "problems are not listed", "param": None, "line": None}]
+            return self._fail(record, errors)
+
+        models = sorted(result.models)
+
+        def change(r: JobRecord, pipe):
+            if r.status != "validating":
+                return None  # cancelled meanwhile: _finish cleans up
+            for i in range(0, len(result.refused), 1000):
+                pipe.rpush(job_errors(r.id), *result.refused[i:i + 1000])
+            return r.model_copy(update={"status": "in_progress", "in_progress_at": int(time.time()),
+                                        "total": result.total, "failed": len(result.refused),
+                                        "prepared": result.prepared, "fed": 0,
+                                        "model": models[0] if len(models) == 1 else None})
+
+        new = self._update(record, change)
+        log.info("batch %s: %d requests, %d refused, now %s", record.id, result.total, len(result.refused), new.status)
+        return new
+
+    def _fail(self, record: JobRecord, errors: list[dict]) -> JobRecord:
+        self.store.delete_prefix(job_prefix(record.tenant, record.id))
+
+        def change(r: JobRecord, pipe):
+            if r.status != "validating":
+                return None
+            pipe.zrem(ACTIVE, r.member)
+            return r.model_copy(update={"status": "failed", "failed_at": int(time.time()), "errors": errors})
+
+        new = self._update(record, change)
+        log.info("batch %s failed validation: %s", record.id, errors[0]["message"])
+        return new
+
+    # -- in progress ------------------------------------------------------------------------------
+
+    def _prepared_lines(self, record: JobRecord, chunk: int) -> list[str]:
+        cached = self._chunks.get(record.id)
+        if cached is None or cached[0] != chunk:
+            data = self.store.get_bytes(prepared_key(record.tenant, record.id, chunk))
+            cached = (chunk, data.decode().splitlines())
+            self._chunks[record.id] = cached
+        return cached[1]
+
+    def _next_requests(self, record: JobRecord, n: int) -> list[GenerationRequest]:
+        out: list[GenerationRequest] = []
+        pos, end = record.fed, min(record.fed + n, record.prepared)
+        while pos < end:
+            lines = self._prepared_lines(record, pos // PREPARED_CHUNK)
+            take = lines[pos % PREPARED_CHUNK: pos % PREPARED_CHUNK + (end - pos)]
+            out += [GenerationRequest.model_validate_json(line) for line in take]
+            pos += len(take)
+        return out
+
+    def _feed(self, record: JobRecord) -> JobRecord:
+        if record.status != "in_progress" or record.fed >= record.prepared:
+            return record
+        room = self.settings.batch_feed_window - self.redis.scard(job_open(record.id))
+        if room <= 0:
+            return record
+        now = time.time()  # queue age counts from feeding, not from validation
+        requests = [r.model_copy(update={"created_at": now}) for r in self._next_requests(record, room)]
+
+        def change(r: JobRecord, pipe):
+            if r.status != "in_progress" or r.fed != record.fed:
+                return None
+            for req in requests:
+                self._enqueue(args=enqueue_args(req, 0, 0), client=pipe)  # no cap: the window is the cap
+            pipe.sadd(job_open(r.id), *[req.id for req in requests])
+            return r.model_copy(update={"fed": r.fed + len(requests)})
+
+        return self._update(record, change)
+
+    def _collect(self, record: JobRecord) -> JobRecord:
+        finished = keys.job_finished(record.id)
+        ids = [_text(i) for i in self.redis.lrange(finished, 0, COLLECT_CHUNK - 1)]
+        if not ids:
+            return record
+        with self.redis.pipeline(transaction=False) as pipe:
+            for rid in ids:
+                pipe.hmget(keys.request(rid), "spec", "result")
+            pipe.smismember(job_open(record.id), ids)
+            *rows, members = pipe.execute()
+        lines: dict[str, list[str]] = {"output": [], "errors": []}
+        counts = {"completed": 0, "failed": 0, "input_tokens": 0, "output_tokens": 0}
+        collected: dict[str, None] = {}
+        for rid, (spec, result), member in zip(ids, rows, members):
+            if not member or rid in collected:
+                continue  # not (or no longer) open, or twice in this read: never write a line twice
+            collected[rid] = None
+            if spec is None or result is None:
+                lines["errors"].append(unrun_line(None, "result_lost", f"the result of request {rid} expired from "
+                                                  "Redis before it was collected"))
+                counts["failed"] += 1
+                continue
+            spec, result = GenerationRequest.model_validate_json(spec), GenerationResult.model_validate_json(result)
+            where, line = classify(spec, result, record.kind, record.ending)
+            if where is None:
+                continue
+            lines[where].append(line)
+            counts["completed" if where == "output" else "failed"] += 1
+            if where == "output":
+                counts["input_tokens"] += result.prompt_tokens
+                counts["output_tokens"] += result.completion_tokens
+
+        def change(r: JobRecord, pipe):
+            if r.status != record.status or r.ending != record.ending:
+                return None  # cancelled meanwhile: classify again next round
+            if lines["output"]:
+                pipe.rpush(job_output(r.id), *lines["output"])
+            if lines["errors"]:
+                pipe.rpush(job_errors(r.id), *lines["errors"])
+            pipe.ltrim(finished, len(ids), -1)
+            if collected:
+                pipe.srem(job_open(r.id), *collected)
+            return r.model_copy(update={k: getattr(r, k) + v for k, v in counts.items()})
+
+        return self._update(record, change)
+
+    # -- the end ----------------------------------------------------------------------------------
+
+    def _finish(self, record: JobRecord) -> JobRecord:
+        """cancelling / finalizing: wait for the open requests (cancelling them first unless the job
+        completes), then write the files and end the job."""
+        ending = record.ending or ("cancelled" if record.status == "cancelling" else "completed")
+        if ending != "completed" and record.id not in self._cancel_sent:
+            for rid in self.redis.smembers(job_open(record.id)):
+                self.queues.cancel(_text(rid))
+            self._cancel_sent.add(record.id)
+        record = self._collect(record)
+        if self.redis.scard(job_open(record.id)) or self.redis.llen(keys.job_finished(record.id)):
+            return record  # cancelled requests that were running finish soon; collect them first
+
+        unfed = record.prepared - record.fed if ending == "expired" else 0
+        output_file_id = error_file_id = None
+        if self.redis.llen(job_output(record.id)):
+            output_file_id = write_result_file(self.files, record.tenant, f"{record.id}_output.jsonl",
+                                               iter_redis_list(self.redis, job_output(record.id)))
+        if self.redis.llen(job_errors(record.id)) or unfed:
+            lines = _chain(iter_redis_list(self.redis, job_errors(record.id)), self._unfed_lines(record, unfed))
+            error_file_id = write_result_file(self.files, record.tenant, f"{record.id}_error.jsonl", lines)
+        self.store.delete_prefix(job_prefix(record.tenant, record.id))
+        self._chunks.pop(record.id, None)
+
+        def change(r: JobRecord, pipe):
+            if r.status != record.status:
+                return None
+            pipe.zrem(ACTIVE, r.member)
+            pipe.delete(job_open(r.id), job_output(r.id), job_errors(r.id), keys.job_finished(r.id))
+            return r.model_copy(update={"status": ending, f"{ending}_at": int(time.time()), "failed": r.failed + unfed,
+                                        "output_file_id": output_file_id, "error_file_id": error_file_id})
+
+        new = self._update(record, change)
+        if new.status == ending:
+            self._cancel_sent.discard(record.id)
+            log.info("batch %s %s: %d completed, %d failed", record.id, ending, new.completed, new.failed)
+        return new
+
+    def _unfed_lines(self, record: JobRecord, unfed: int):
+        if unfed:
+            for req in self._next_requests(record, unfed):
+                yield expired_line(req)
+
+
+def _chain(*iterables):
+    for it in iterables:
+        yield from it
+
+
+class _ChunkWriter:
+    """Stores validated requests as prepared objects of PREPARED_CHUNK lines each."""
+
+    def __init__(self, store, tenant: str, batch_id: str):
+        self.store, self.tenant, self.batch_id = store, tenant, batch_id
+        self.lines: list[str] = []
+        self.chunk = 0
+
+    def add(self, req: GenerationRequest) -> None:
+        self.lines.append(req.model_dump_json())
+        if len(self.lines) == PREPARED_CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        self.store.put_bytes(prepared_key(self.tenant, self.batch_id, self.chunk), ("\n".join(self.lines) + "\n").encode())
+        self.lines, self.chunk = [], self.chunk + 1
+
+    def close(self) -> None:
+        if self.lines:
+            self._flush()
+
+
+def _load_base(settings) -> tuple[object, int]:
+    """The base model's tokenizer and configured context length (like the API; no weights)."""
+    from hotswap.demo_model import demo_model_dir
+    from hotswap.tokenizer import Tokenizer
+
+    model_dir = settings.base_model_dir or demo_model_dir(settings.model_root)
+    if not (model_dir / "config.json").exists() or not (model_dir / "tokenizer.json").exists():
+        raise ServedUnavailable(f"the base model's config.json / tokenizer.json are not in {model_dir}: set "
+                                "HOTSWAP_BASE_MODEL_DIR or run `hotswap models fetch-demo` on the scheduler host")
+    config = json.loads((model_dir / "config.json").read_text())
+    return Tokenizer(model_dir), int(config.get("max_position_embeddings") or _DEFAULT_MODEL_LEN)
