@@ -78,4 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(models.router)
+    from api.routes import metrics as metrics_route  # GET /metrics (Prometheus, no auth)
+
+    app.include_router(metrics_route.router)
     return app
