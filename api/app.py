@@ -43,6 +43,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = open_store(settings)
         app.state.registry = Registry(app.state.redis, app.state.store)
         app.state.files = FileCatalog(app.state.redis, app.state.store)
+        from scheduler.jobs import JobStore  # batch jobs (records only; the scheduler runs them)
+
+        app.state.jobs = JobStore(app.state.redis, window_s=settings.batch_completion_window_s)
         app.state.aredis = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=30)
         app.state.aqueues = AsyncQueues(app.state.aredis, result_ttl_s=settings.result_ttl_s)
         app.state.tokenizer, app.state.base_max_len = load_base_tokenizer(settings)
@@ -69,12 +72,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                        f"{settings.max_upload_mb} MB (HOTSWAP_MAX_UPLOAD_MB)", code="upload_too_large")
         return await call_next(request)
 
-    from api.routes import adapters, chat, completions, files, health, models
+    from api.routes import adapters, batches, chat, completions, files, health, models
 
     app.include_router(health.router)
     app.include_router(adapters.base_router)
     app.include_router(adapters.router)
     app.include_router(files.router)
+    app.include_router(batches.router)
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(models.router)

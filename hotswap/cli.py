@@ -26,6 +26,9 @@ def _register_subcommands() -> None:
     from adapters.cli import app as adapters_app
 
     app.add_typer(adapters_app, name="adapters")
+    from hotswap.batch_cli import app as batch_app
+
+    app.add_typer(batch_app, name="batch")
 
 
 _register_subcommands()
