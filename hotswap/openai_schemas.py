@@ -115,10 +115,11 @@ class ChatMessage(_Strict):
     @classmethod
     def _text_parts_only(cls, value: Any) -> Any:
         if isinstance(value, list):
-            kinds = {p.get("type") for p in value if isinstance(p, dict)} - {"text"}
+            # repr: a client may send any JSON as "type", hashable or not
+            kinds = {repr(p.get("type")) for p in value if isinstance(p, dict)} - {"'text'"}
             if kinds:
                 raise PydanticCustomError("unsupported_content", "only text content parts are supported, got "
-                                          "{kinds}", {"kinds": ", ".join(sorted(map(repr, kinds)))})
+                                          "{kinds}", {"kinds": ", ".join(sorted(kinds))})
         return value
 
     @property

@@ -25,8 +25,7 @@ on real objects without deleting what the other operations use), and the multipa
 (POST /v1/adapters, POST /v1/files) run under the same bounds as the rest — they are cheap, since
 random bytes are refused before any weights are read. `test_every_operation_ran` fails if an
 operation of the spec got no request, and prints how many cases each one got (`pytest -s`).
-A 5xx found and not yet fixed is kept as an xfail(strict=True) minimal reproduction, and the run
-steers around it so it can still find others (see CHAT_BUG).
+A 5xx this run once found (an unhashable content part `type`) is kept as a minimal reproduction.
 """
 
 from __future__ import annotations
@@ -188,40 +187,9 @@ def max_model_len(demo_model_dir) -> int:
 schema = schemathesis.pytest.from_fixture("api_schema")
 CHAT = "/v1/chat/completions"
 
-# A real 5xx this test found. Its minimal reproduction below is xfail(strict=True) until the app is
-# fixed (then drop the mark); meanwhile the schemathesis run steers around it (see
-# `steer_around_known_bug`), so that it keeps looking for other 5xx in chat instead of stopping at
-# this one. The steering switches itself off once the bug is fixed.
-CHAT_BUG = ("bug: POST /v1/chat/completions answers 500 when a content part's `type` is not hashable, e.g. "
-            "messages=[{'role': 'user', 'content': [{'type': {}, 'text': 'hi'}]}]: ChatMessage._text_parts_only "
-            "(hotswap/openai_schemas.py) builds a set of the parts' types and raises TypeError (unhashable type: "
-            "'dict'), which is not a validation error")
-
-
 def _unhashable_part_type_body(part_type) -> dict:
     return {"model": BASE, "messages": [{"role": "user", "content": [{"type": part_type, "text": "hi"}]}],
             "max_tokens": 1}
-
-
-@pytest.fixture(scope="module")
-def chat_bug_present(live_stack) -> bool:
-    """Whether CHAT_BUG still answers 500 (probed once, on its minimal reproduction)."""
-    r = httpx.post(live_stack.url + CHAT, json=_unhashable_part_type_body({}), timeout=60,
-                   headers={"Authorization": f"Bearer {live_stack.key}"})
-    return r.status_code >= 500
-
-
-def steer_around_known_bug(case) -> None:
-    """While CHAT_BUG is present: a content part `type` that is an object or array becomes the
-    string "image" (still refused, with a 400), so the run goes on past the known 500."""
-    body = case.body
-    if case.path != CHAT or not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-        return
-    for message in body["messages"]:
-        if isinstance(message, dict) and isinstance(message.get("content"), list):
-            for part in message["content"]:
-                if isinstance(part, dict) and isinstance(part.get("type"), (dict, list)):
-                    part["type"] = "image"
 
 
 @pytest.fixture(autouse=True)
@@ -233,20 +201,17 @@ def _node_id_for_schemathesis(request):
 
 
 @schema.parametrize()
-def test_no_server_errors(case, max_model_len, chat_bug_present):
+def test_no_server_errors(case, max_model_len):
     """One subtest per operation: no 5xx, and responses match the documented schema."""
     cap_generation(case, max_model_len)
-    if chat_bug_present:
-        steer_around_known_bug(case)
     response = case.call()
     RAN[case.operation.label][response.status_code] += 1
     case.validate_response(response, checks=[not_a_server_error, response_schema_conformance])
 
 
-@pytest.mark.xfail(strict=True, reason=CHAT_BUG)
 @pytest.mark.parametrize("part_type", [{}, ["text"]], ids=["object", "array"])
 def test_unhashable_content_part_type_is_a_400(live_stack, part_type):
-    """The minimal reproduction of CHAT_BUG."""
+    """A 500 this run once found: a content part whose `type` is an object or array (unhashable)."""
     r = httpx.post(live_stack.url + CHAT, json=_unhashable_part_type_body(part_type), timeout=60,
                    headers={"Authorization": f"Bearer {live_stack.key}"})
     assert r.status_code == 400, r.text
