@@ -86,6 +86,22 @@ def api(
 
 
 @app.command()
+def up(
+    port: Annotated[int, typer.Option(help="API port.")] = 8000,
+    host: Annotated[str, typer.Option(help="Interface the API listens on.")] = "127.0.0.1",
+    redis_port: Annotated[Optional[int], typer.Option(help="Embedded Redis port (default: 6379 if free, else any free one).")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Redis data, file storage, logs, the API key (default: HOTSWAP_DATA_DIR or ~/.local/share/hotswap).")] = None,
+    workers: Annotated[int, typer.Option(min=0, help="Workers to run (0: API and scheduler only).")] = 1,
+    startup_timeout: Annotated[float, typer.Option(help="Seconds to wait for everything to be ready.")] = 600.0,
+) -> None:
+    """Run the whole stack here: embedded Redis, file storage, the demo model, scheduler, worker(s), API. Ctrl-C stops it."""
+    from hotswap.up import run_up
+
+    raise typer.Exit(run_up(host=host, port=port, redis_port=redis_port, data_dir=data_dir, workers=workers,
+                            startup_timeout_s=startup_timeout))
+
+
+@app.command()
 def scheduler(
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING.")] = "INFO",
 ) -> None:

