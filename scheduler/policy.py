@@ -14,7 +14,8 @@ The dispatcher calls `plan` with a snapshot of the queues and the live workers. 
    only when it has nothing left to do for them or the request waited past that bound: swaps are
    the expensive thing, and the policy keeps them rare.
 4. Real-time room. Batch work leaves `realtime_reserve` of each worker free for real-time arrivals.
-5. Suspects (requests that crashed a worker more than once) run alone on an idle worker.
+5. Suspects (requests that crashed a worker more than once) run alone on an idle worker; while one
+   waits, the least busy worker gets no new work, so it empties even under steady load.
 """
 
 from __future__ import annotations
@@ -122,11 +123,12 @@ def choose_worker(q: QueueView, workers: Sequence[WorkerView], queued_weights: s
     if level == 2:
         return best
     waited = q.oldest_age_s >= cfg.affinity_wait_s
-    holders_busy = any(affinity(w, q.model_key, want) == 2 for w in workers)
+    staying = [w for w in workers if not w.draining]  # a draining worker will never have room again
+    holders_busy = any(affinity(w, q.model_key, want) == 2 for w in staying)
     if level == 1:
         # A worker that holds the adapter exists but is full: wait for it a little.
         return best if not holders_busy or waited else None
-    if any(affinity(w, q.model_key, want) > 0 for w in workers) and not waited:
+    if any(affinity(w, q.model_key, want) > 0 for w in staying) and not waited:
         return None  # a worker with the right weights will have room soon; a swap is dearer
     swappable = [w for w in with_room if swap_allowed(w, q, queued_weights, cfg)]
     if not swappable:
@@ -137,7 +139,7 @@ def choose_worker(q: QueueView, workers: Sequence[WorkerView], queued_weights: s
 def plan(queues: Sequence[QueueView], workers: Sequence[WorkerView], cfg: PolicyConfig) -> list[Assignment]:
     """The batches to dispatch now: at most one per queue (the dispatcher asks again right away)."""
     workers = {w.id: w for w in workers}
-    queued_weights = {q.weights for q in queues}
+    queued_weights = {q.weights for q in queues if q.length > 0}
     out: list[Assignment] = []
     for q in sorted(queues, key=lambda q: urgency(q, cfg), reverse=True):
         if q.length <= 0:
@@ -148,6 +150,11 @@ def plan(queues: Sequence[QueueView], workers: Sequence[WorkerView], cfg: Policy
                 w = idle[0]
                 out.append(Assignment(q.name, w.id, 1, isolate=True))
                 workers[w.id] = replace(w, inflight=1, isolated=True)
+            else:  # under steady load no worker would ever empty: let the least busy one drain for it
+                open_ = [w for w in workers.values() if w.free > 0]
+                if open_:
+                    w = min(open_, key=lambda w: (w.inflight, w.id))
+                    workers[w.id] = replace(w, isolated=True)
             continue
         want = min(q.length, cfg.max_batch)
         if want < cfg.max_batch and q.oldest_age_s < cfg.window(q.qclass):

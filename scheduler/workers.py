@@ -51,6 +51,15 @@ def heartbeat(redis_client, info: WorkerInfo, lease_s: float, *, first: bool = F
     return bool(renewed)
 
 
+def rejoin(redis_client, queues: Queues, info: WorkerInfo, lease_s: float) -> int:
+    """Come back after a lapsed lease with a clean slate: hand back whatever Redis still lists as
+    ours (the reaper may not have run yet; it runs no more for a live worker), then take a new lease.
+    Returns how many requests went back to their queues."""
+    returned = sum(queues.requeue(rid, info.id, crashed=False) == "requeued" for rid in queues.inflight(info.id))
+    heartbeat(redis_client, info, lease_s, first=True)
+    return returned
+
+
 def deregister(redis_client, worker_id: str) -> None:
     redis_client.delete(keys.worker_alive(worker_id))
     redis_client.hdel(keys.WORKERS, worker_id)

@@ -27,7 +27,7 @@ from hotswap.protocol import GenerationRequest, GenerationResult, TokenEvent
 from scheduler import keys
 from scheduler.dispatcher import STATS
 from scheduler.queues import Queues
-from scheduler.workers import WorkerInfo, deregister, heartbeat
+from scheduler.workers import WorkerInfo, deregister, heartbeat, rejoin
 from worker.targets import LocalModel, TargetError, fetch_target
 
 log = logging.getLogger("hotswap.worker")
@@ -249,7 +249,7 @@ class WorkerService:
         while not self._inbox.empty():
             self._inbox.get_nowait()
         self._lease_lost.clear()
-        heartbeat(self.redis, self.info, self.settings.lease_s, first=True)  # back, with a clean slate
+        rejoin(self.redis, self.queues, self.info, self.settings.lease_s)  # back, with a clean slate
 
     def _note_weights(self) -> None:
         current = self.engine.batcher.current_finetune or "base"

@@ -351,27 +351,27 @@ def test_next_check_s_stays_within_bounds(seed):
     assert 0.001 <= next_check_s(queues, c, idle_s=0.5) <= 0.5
 
 
-# -- known defects: strict xfails, to be fixed in scheduler/policy.py -------------------------------
+# -- defects these tests found (fixed) ------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: policy.choose_worker counts a draining holder as 'busy', so a LoRA "
-                                      "waits affinity_wait_s for a worker that will never take it")
 def test_lora_does_not_wait_for_a_draining_holder():
     holder = w("w1", max_inflight=8, holds=frozenset({LORA_A}), draining=True)
     out = plan([q(LORA_A, length=2, age=0.0)], [holder, w("w2")], CFG)
     assert [a.worker_id for a in out] == ["w2"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: policy.choose_worker waits affinity_wait_s for a draining worker "
-                                      "that has the fine-tune resident instead of swapping an idle one")
 def test_finetune_does_not_wait_for_a_draining_resident_worker():
     resident = w("w1", max_inflight=8, weights=FULL_A, draining=True)
     out = plan([q(FULL_A, length=2, age=0.0)], [resident, w("w2")], CFG)
     assert [a.worker_id for a in out] == ["w2"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: policy.plan builds queued_weights from empty queues too, so an "
-                                      "empty queue for a worker's weights blocks a swap")
 def test_an_empty_queue_does_not_block_a_swap():
     out = plan([q(FULL_A, length=0), q(FULL_B, length=2)], [w(weights=FULL_A)], CFG)
     assert out == [Assignment(f"q:realtime:{FULL_B}", "w1", 2)]
+
+
+def test_a_waiting_suspect_keeps_new_work_off_the_least_busy_worker():
+    busy, less_busy = w("w1", inflight=6), w("w2", inflight=2)
+    out = plan([q("base", qclass="suspect", length=1), q("base", length=4, age=1.0)], [busy, less_busy], CFG)
+    assert [a.worker_id for a in out] == ["w1"]  # w2 drains for the suspect

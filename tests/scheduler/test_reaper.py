@@ -9,7 +9,7 @@ import pytest
 from hotswap.protocol import GenerationRequest, ModelTarget, SamplingSpec
 from scheduler import keys
 from scheduler.queues import Queues
-from scheduler.workers import WorkerInfo, deregister, heartbeat, live_workers, reap
+from scheduler.workers import WorkerInfo, deregister, heartbeat, live_workers, reap, rejoin
 
 BASE = "tiny"
 LORA = "lora:t1/a@1"
@@ -212,15 +212,12 @@ def test_reaper_requeues_stale_assignments_without_an_attempt(redis_client, queu
     assert queues.claim(stale.id, "w1") is None  # its late Celery message finds nothing to run
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a worker that lost its lease re-registers with heartbeat(first=True) "
-                                      "(worker/service.py _drop_everything) before the reaper ran; its old "
-                                      "inflight set survives, so the requests it dropped stay 'running' forever")
 def test_re_registering_after_a_lapse_does_not_strand_the_old_requests(redis_client, queues):
     heartbeat(redis_client, info(), SHORT, first=True)
     req = assign(queues, "w1", claim=True)
     lapse(redis_client, "w1")
     assert heartbeat(redis_client, info(), SHORT) is False  # the worker notices and drops its work ...
-    assert heartbeat(redis_client, info(), LONG, first=True) is True  # ... and comes back at once
+    assert rejoin(redis_client, queues, info(), LONG) == 1  # ... and comes back at once, handing it back
     do_reap(redis_client, queues)
     assert queues.state(req.id)["state"] == "queued"
     assert queues.inflight("w1") == set()
