@@ -13,8 +13,8 @@ One step of a job, by status (records, keys and the what-goes-where rule: `sched
 
 Exactly once, across restarts (all state is in Redis and storage; a restarted runner resumes):
 - feeding: the requests queued in a tick, their ids added to the job's open set and the cursor
-  moved past them are one MULTI; request ids are fixed at validation, so re-queueing after a crash
-  is refused by the queue ('exists') instead of running twice.
+  moved past them are one MULTI: a crash either did all of it or nothing (and should a request id
+  ever be queued twice, the queue refuses the second with 'exists').
 - collecting: ids are read from the head of the job's finished list (each is pushed exactly once by
   the queues), and their result lines appended, the head trimmed, the ids removed from the open
   set and the counts updated in one MULTI; an id not in the open set is dropped, never written.
@@ -26,7 +26,6 @@ Exactly once, across restarts (all state is in Redis and storage; a restarted ru
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -40,8 +39,9 @@ from hotswap.storage import StorageError
 from scheduler import keys, lua
 from scheduler.job_lines import validate_lines
 from scheduler.job_output import classify, expired_line, iter_redis_list, unrun_line, write_result_file
+from scheduler.job_prepared import ChunkWriter, PreparedReader, ServedUnavailable, load_base, served_model
 from scheduler.jobs import (ACTIVE, PREPARED_CHUNK, RUNNER_LOCK, TERMINAL, JobNotFound, JobRecord, JobStore, LockLost,
-                            job_errors, job_open, job_output, job_prefix, prepared_key, update)
+                            job_errors, job_open, job_output, job_prefix, update)
 from scheduler.prepare import ServedModel
 from scheduler.queues import Queues, enqueue_args
 
@@ -49,14 +49,9 @@ log = logging.getLogger("hotswap.jobs")
 
 LEASE_S = 15.0
 COLLECT_CHUNK = 1000
-_DEFAULT_MODEL_LEN = 32768
 
 _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
-
-class ServedUnavailable(Exception):
-    """The scheduler cannot judge lines now (the base model's tokenizer is missing): retry later."""
 
 
 def _text(value) -> str:
@@ -75,8 +70,9 @@ class JobRunner:
         self.id = runner_id or f"{socket.gethostname().split('.')[0]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._served = served
         self._base: tuple[object, int] | None = None  # (tokenizer, context length of the model config)
-        self._chunks: dict[str, tuple[int, list[str]]] = {}  # batch id -> (chunk index, its lines)
+        self.prepared = PreparedReader(store)
         self._cancel_sent: set[str] = set()
+        self._waiting: set[str] = set()  # jobs we said cannot be validated yet (said once)
         self.stop_event = threading.Event()
 
     @classmethod
@@ -93,12 +89,17 @@ class JobRunner:
     def run(self) -> None:
         log.info("job runner %s running", self.id)
         while not self.stop_event.is_set():
+            wait = self.settings.batch_poll_s
             try:
                 self.tick()
-            except Exception:  # Redis hiccup: log, go on; jobs are all in Redis
+            except Exception:  # Redis hiccup: log, back off, go on; jobs are all in Redis
                 log.exception("job runner round failed")
-            self.stop_event.wait(self.settings.batch_poll_s)
-        self.release()
+                wait = max(wait, 1.0)
+            self.stop_event.wait(wait)
+        try:
+            self.release()  # a successor need not wait for the lease to lapse
+        except Exception:
+            log.warning("could not release the job runner lease; it lapses in %.0f s", LEASE_S)
         log.info("job runner %s stopped", self.id)
 
     def stop(self) -> None:
@@ -108,7 +109,7 @@ class JobRunner:
         """Advance every active job one step; returns how many there were (0 if another runner holds
         the lease)."""
         if not self.acquire():
-            self._chunks.clear()
+            self.prepared.forget()
             self._cancel_sent.clear()
             return 0
         members = [_text(m) for m in self.redis.zrange(ACTIVE, 0, -1)]
@@ -188,22 +189,20 @@ class JobRunner:
     def served_model(self) -> ServedModel:
         if self._served is not None:
             return self._served
-        from scheduler.workers import live_workers
-
         if self._base is None:
-            self._base = _load_base(self.settings)
-        tokenizer, config_len = self._base
-        limits = [w.max_model_len for w in live_workers(self.redis, self.settings.base_model) if w.max_model_len]
-        return ServedModel(self.settings.base_model, tokenizer, min(min(limits or [_DEFAULT_MODEL_LEN]), config_len))
+            self._base = load_base(self.settings)
+        return served_model(self.redis, self.settings, self._base)
 
     def _validate(self, record: JobRecord) -> JobRecord:
         try:
             served = self.served_model()
         except ServedUnavailable as exc:
-            log.warning("batch %s waits in validating: %s", record.id, exc)
+            if record.id not in self._waiting:
+                self._waiting.add(record.id)
+                log.warning("batch %s waits in validating: %s", record.id, exc)
             return record
         self.store.delete_prefix(job_prefix(record.tenant, record.id))  # a half-done earlier try
-        writer = _ChunkWriter(self.store, record.tenant, record.id)
+        writer = ChunkWriter(self.store, record.tenant, record.id)
         try:
             result = validate_lines(self.files.iter_lines(record.tenant, record.input_file_id),
                                     endpoint=record.endpoint, tenant=record.tenant, batch_id=record.id,
@@ -256,24 +255,6 @@ class JobRunner:
 
     # -- in progress ------------------------------------------------------------------------------
 
-    def _prepared_lines(self, record: JobRecord, chunk: int) -> list[str]:
-        cached = self._chunks.get(record.id)
-        if cached is None or cached[0] != chunk:
-            data = self.store.get_bytes(prepared_key(record.tenant, record.id, chunk))
-            cached = (chunk, data.decode().splitlines())
-            self._chunks[record.id] = cached
-        return cached[1]
-
-    def _next_requests(self, record: JobRecord, n: int) -> list[GenerationRequest]:
-        out: list[GenerationRequest] = []
-        pos, end = record.fed, min(record.fed + n, record.prepared)
-        while pos < end:
-            lines = self._prepared_lines(record, pos // PREPARED_CHUNK)
-            take = lines[pos % PREPARED_CHUNK: pos % PREPARED_CHUNK + (end - pos)]
-            out += [GenerationRequest.model_validate_json(line) for line in take]
-            pos += len(take)
-        return out
-
     def _feed(self, record: JobRecord) -> JobRecord:
         if record.status != "in_progress" or record.fed >= record.prepared:
             return record
@@ -281,7 +262,7 @@ class JobRunner:
         if room <= 0:
             return record
         now = time.time()  # queue age counts from feeding, not from validation
-        requests = [r.model_copy(update={"created_at": now}) for r in self._next_requests(record, room)]
+        requests = [r.model_copy(update={"created_at": now}) for r in self.prepared.read(record, record.fed, room)]
 
         def change(r: JobRecord, pipe):
             if r.status != "in_progress" or r.fed != record.fed:
@@ -362,7 +343,7 @@ class JobRunner:
             lines = _chain(iter_redis_list(self.redis, job_errors(record.id)), self._unfed_lines(record, unfed))
             error_file_id = write_result_file(self.files, record.tenant, f"{record.id}_error.jsonl", lines)
         self.store.delete_prefix(job_prefix(record.tenant, record.id))
-        self._chunks.pop(record.id, None)
+        self.prepared.forget(record.id)
 
         def change(r: JobRecord, pipe):
             if r.status != record.status:
@@ -375,50 +356,19 @@ class JobRunner:
         new = self._update(record, change)
         if new.status == ending:
             self._cancel_sent.discard(record.id)
+            self._waiting.discard(record.id)
             log.info("batch %s %s: %d completed, %d failed", record.id, ending, new.completed, new.failed)
         return new
 
     def _unfed_lines(self, record: JobRecord, unfed: int):
-        if unfed:
-            for req in self._next_requests(record, unfed):
-                yield expired_line(req)
+        """batch_expired lines for the requests never fed, a chunk at a time."""
+        pos, end = record.fed, record.fed + unfed
+        while pos < end:
+            requests = self.prepared.read(record, pos, min(PREPARED_CHUNK, end - pos))
+            yield from (expired_line(req) for req in requests)
+            pos += len(requests)
 
 
 def _chain(*iterables):
     for it in iterables:
         yield from it
-
-
-class _ChunkWriter:
-    """Stores validated requests as prepared objects of PREPARED_CHUNK lines each."""
-
-    def __init__(self, store, tenant: str, batch_id: str):
-        self.store, self.tenant, self.batch_id = store, tenant, batch_id
-        self.lines: list[str] = []
-        self.chunk = 0
-
-    def add(self, req: GenerationRequest) -> None:
-        self.lines.append(req.model_dump_json())
-        if len(self.lines) == PREPARED_CHUNK:
-            self._flush()
-
-    def _flush(self) -> None:
-        self.store.put_bytes(prepared_key(self.tenant, self.batch_id, self.chunk), ("\n".join(self.lines) + "\n").encode())
-        self.lines, self.chunk = [], self.chunk + 1
-
-    def close(self) -> None:
-        if self.lines:
-            self._flush()
-
-
-def _load_base(settings) -> tuple[object, int]:
-    """The base model's tokenizer and configured context length (like the API; no weights)."""
-    from hotswap.demo_model import demo_model_dir
-    from hotswap.tokenizer import Tokenizer
-
-    model_dir = settings.base_model_dir or demo_model_dir(settings.model_root)
-    if not (model_dir / "config.json").exists() or not (model_dir / "tokenizer.json").exists():
-        raise ServedUnavailable(f"the base model's config.json / tokenizer.json are not in {model_dir}: set "
-                                "HOTSWAP_BASE_MODEL_DIR or run `hotswap models fetch-demo` on the scheduler host")
-    config = json.loads((model_dir / "config.json").read_text())
-    return Tokenizer(model_dir), int(config.get("max_position_embeddings") or _DEFAULT_MODEL_LEN)

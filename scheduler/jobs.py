@@ -51,7 +51,7 @@ import time
 from typing import Literal
 
 import redis as redis_lib
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from scheduler import keys
 

@@ -354,3 +354,51 @@ def test_the_runner_thread_runs_a_job_to_the_end(env):
         thread.join(timeout=10)
     assert env.jobs.get("acme", job.id).status == "completed"
     assert not env.redis.exists(RUNNER_LOCK)  # released on stop
+
+
+def test_prepared_requests_read_back_from_any_position_across_chunks(env):
+    from hotswap.protocol import GenerationRequest, ModelTarget, SamplingSpec
+    from scheduler.job_prepared import ChunkWriter, PreparedReader
+    from scheduler.jobs import PREPARED_CHUNK, JobRecord
+
+    n = 2 * PREPARED_CHUNK + 345
+    writer = ChunkWriter(env.store, "acme", "batch_x")
+    made = [GenerationRequest(tenant="acme", base_model=BASE, model=BASE, target=ModelTarget(kind="base"),
+                              prompt_token_ids=[1, i], sampling=SamplingSpec(max_tokens=1), custom_id=f"c{i}")
+            for i in range(n)]
+    for req in made:
+        writer.add(req)
+    writer.close()
+    assert len(env.store.list("tenants/acme/batches/batch_x/prepared/")) == 3
+    record = JobRecord(id="batch_x", tenant="acme", endpoint=CHAT, input_file_id="f", created_at=0, expires_at=1,
+                       prepared=n)
+    reader = PreparedReader(env.store)
+    for start, count in [(0, 5), (995, 10), (PREPARED_CHUNK, 1), (1999, 1200), (n - 3, 100)]:
+        got = reader.read(record, start, count)
+        assert [r.id for r in got] == [r.id for r in made[start:start + count]]
+
+
+def test_a_large_job_is_fed_gradually_and_does_not_starve_a_small_one(env):
+    big_lines = [json.dumps({"custom_id": f"b{i}", "method": "POST", "url": "/v1/completions",
+                             "body": {"model": BASE, "prompt": [1, 2, 3, i % 1000], "max_tokens": 2}})
+                 for i in range(2500)]
+    big = env.submit(big_lines, endpoint="/v1/completions")
+    small = env.submit([chat_line(f"s{i}") for i in range(3)])
+    env.settings = env.settings.model_copy(update={"batch_feed_window": 1000})
+    from scheduler.job_runner import JobRunner
+
+    runner = JobRunner(env.redis, env.store, env.files, env.registry, env.settings, served=env.served)
+    runner.tick()
+    queues = Queues(env.redis)
+    assert queues.waiting("batch") == 1000 + 3  # the window of the big job, all of the small one
+    assert env.redis.scard(job_open(big.id)) == 1000 and env.redis.scard(job_open(small.id)) == 3
+    for _ in range(50):
+        runner.tick()
+        env.worker.run()
+        if env.jobs.get("acme", big.id).status == "completed":
+            break
+    done = env.jobs.get("acme", big.id)
+    assert done.status == "completed" and (done.total, done.completed) == (2500, 2500)
+    assert env.jobs.get("acme", small.id).status == "completed"
+    out = read_jsonl(env.files, "acme", done.output_file_id)
+    assert len({line["custom_id"] for line in out}) == len(out) == 2500
