@@ -13,8 +13,6 @@ the scheduler's live state:
     hotswap:worker_max_inflight{worker}            the room each live worker announced
     hotswap:scheduler_up                           1 while a dispatcher's heartbeat is fresh
     hotswap:dead_letter_requests                   dead-lettered requests (ZCARD hotswap:dead)
-    hotswap:batches_dispatched_total, hotswap:requests_dispatched_total
-                                                   the dispatcher's counters (hotswap:stats)
 
 The `model` label is the queue's model key ("base", "lora:acme/bot@1", "full:acme/big@2"): it
 contains the tenant name, so treat `/metrics` as operator-only, and expect one series per model
@@ -39,11 +37,6 @@ from scheduler import keys
 from scheduler.workers import live_workers
 
 NS = "hotswap:"
-STATS = keys.PREFIX + "stats"  # scheduler.dispatcher.STATS (not imported: it pulls in Celery)
-STATS_COUNTERS = {
-    "batches_dispatched": "Batches the dispatcher sent to workers.",
-    "requests_dispatched": "Requests the dispatcher sent to workers.",
-}
 
 
 def _text(value) -> str:
@@ -59,18 +52,14 @@ class HotswapCollector(Collector):
         with self.redis.pipeline(transaction=False) as pipe:
             for metric in METRICS.values():
                 pipe.hgetall(metric.key)
-            pipe.hgetall(STATS)
             pipe.zcard(keys.DEAD)
             pipe.exists(keys.PREFIX + "scheduler:alive")
             raw = pipe.execute()
         stored = dict(zip(METRICS, raw))
-        stats, dead, scheduler_alive = raw[len(METRICS):]
+        dead, scheduler_alive = raw[len(METRICS):]
         for name, metric in METRICS.items():
             fields = {_text(k): _text(v) for k, v in stored[name].items()}
             yield _counter(metric, fields) if metric.kind == "counter" else _histogram(metric, fields)
-        stats = {_text(k): _text(v) for k, v in stats.items()}
-        for field, doc in STATS_COUNTERS.items():
-            yield CounterMetricFamily(f"{NS}{field}_total", doc, value=float(stats.get(field, 0)))
         yield GaugeMetricFamily(NS + "dead_letter_requests", "Requests dead-lettered after repeated crashes.",
                                 value=int(dead))
         yield GaugeMetricFamily(NS + "scheduler_up", "1 while a dispatcher's heartbeat is fresh.",

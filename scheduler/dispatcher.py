@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 
+from hotswap.metrics import MetricsBuffer
 from scheduler import keys
 from scheduler.policy import PolicyConfig, QueueView, WorkerView, next_check_s, plan
 from scheduler.queues import Queues
@@ -20,7 +21,6 @@ from scheduler.workers import WorkerInfo, live_workers, reap
 
 log = logging.getLogger("hotswap.scheduler")
 
-STATS = keys.PREFIX + "stats"  # HASH of counters shown by /metrics
 DISPATCH_LOG = keys.PREFIX + "dispatch_log"  # LIST of the latest dispatched batches (JSON), newest first
 
 
@@ -50,6 +50,7 @@ class Dispatcher:
         self.cfg = policy_config(settings)
         self._next_reap = 0.0
         self.stop_event = threading.Event()
+        self.metrics = MetricsBuffer()
 
     def reap(self) -> dict:
         s = self.settings
@@ -74,6 +75,7 @@ class Dispatcher:
             for a in plan(views, [worker_view(w) for w in mine.values()], self.cfg):
                 self._dispatch(a.queue, mine[a.worker_id], a.count, a.isolate)
             sleep = min(sleep, next_check_s(views, self.cfg))
+        self.metrics.flush(self.redis)
         return sleep
 
     def _dispatch(self, queue: str, worker: WorkerInfo, count: int, isolate: bool) -> None:
@@ -87,12 +89,12 @@ class Dispatcher:
             for rid in ids:
                 self.queues.requeue(rid, worker.id, crashed=False)
             return
+        _, qclass, model_key = keys.parse_queue(queue)
+        self.metrics.observe("batch_size", len(ids), model=model_key, priority=qclass)
         entry = {"at": time.time(), "worker": worker.id, "queue": queue, "ids": ids}
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.lpush(DISPATCH_LOG, json.dumps(entry))
             pipe.ltrim(DISPATCH_LOG, 0, 999)
-            pipe.hincrby(STATS, "batches_dispatched", 1)
-            pipe.hincrby(STATS, "requests_dispatched", len(ids))
             pipe.execute()
         log.debug("dispatched %d from %s to %s", len(ids), queue, worker.id)
 

@@ -23,9 +23,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from hotswap.metrics import MetricsBuffer, record_finished
 from hotswap.protocol import GenerationRequest, GenerationResult, TokenEvent
 from scheduler import keys
-from scheduler.dispatcher import STATS
 from scheduler.queues import Queues
 from scheduler.workers import WorkerInfo, deregister, heartbeat, rejoin
 from worker.targets import LocalModel, TargetError, fetch_target
@@ -49,6 +49,8 @@ class Live:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     first_token_at: float | None = None
+    last_output_at: float | None = None
+    itl_s: list[float] = field(default_factory=list)  # gaps between consecutive outputs (metrics)
     prompt_tokens: int = 0
 
 
@@ -74,6 +76,7 @@ class WorkerService:
         self.accepting = True
         self._threads: list[threading.Thread] = []
         self._weights = "base"
+        self.metrics = MetricsBuffer()  # flushed into Redis by the heartbeat thread
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -181,7 +184,7 @@ class WorkerService:
         if model.kind == "lora":
             if model.key not in self.engine.adapters:
                 self.engine.register_adapter(model.key, model.path)
-                self.redis.hincrby(STATS, "adapter_registrations", 1)
+                self.metrics.inc("adapter_loads_total", model=model.key)
             return model.key, None
         if model.key not in self.engine.finetunes:
             self.engine.register_finetune(model.key, model.path)
@@ -203,8 +206,12 @@ class WorkerService:
                 live = self._live.get(out.request_id)
                 if live is None:
                     continue
-                if live.first_token_at is None and out.new_token_ids:
-                    live.first_token_at = now
+                if out.new_token_ids:
+                    if live.first_token_at is None:
+                        live.first_token_at = now
+                    else:
+                        live.itl_s.append(now - live.last_output_at)
+                    live.last_output_at = now
                 if live.req.stream and (out.text or out.new_token_ids):
                     event = TokenEvent(attempt=live.attempt, offset=len(live.text), text=out.text,
                                        token_ids=out.new_token_ids)
@@ -225,14 +232,17 @@ class WorkerService:
             attempts=live.attempt, queued_at=live.req.created_at, started_at=live.started_at,
             first_token_at=live.first_token_at,
         )
-        if not self.queues.complete(result, self.id, live.attempt):
+        if self.queues.complete(result, self.id, live.attempt):
+            record_finished(self.metrics, result, live.req.target.key, live.req.priority, live.itl_s)
+        else:
             log.warning("result of %s not recorded: this worker no longer owns it", live.req.id)
 
     def _fail(self, req: GenerationRequest, attempt: int, code: str, message: str) -> None:
         result = GenerationResult(id=req.id, status="failed", error={"code": code, "message": message},
                                   prompt_tokens=len(req.prompt_token_ids), worker=self.id, attempts=attempt,
                                   queued_at=req.created_at)
-        self.queues.complete(result, self.id, attempt)
+        if self.queues.complete(result, self.id, attempt):
+            record_finished(self.metrics, result, req.target.key, req.priority)
 
     def _apply_cancels(self) -> None:
         for rid in self.queues.pop_cancels(self.id):
@@ -255,7 +265,7 @@ class WorkerService:
         current = self.engine.batcher.current_finetune or "base"
         if current != self._weights:
             self._weights = current
-            self.redis.hincrby(STATS, "full_swaps", 1)
+            self.metrics.inc("full_swaps_total", model=current)
 
     # -- heartbeat thread -------------------------------------------------------------------------
 
@@ -268,6 +278,7 @@ class WorkerService:
         while not self._stop.wait(self.settings.heartbeat_s):
             try:
                 self._refresh_info()
+                self.metrics.flush(self.redis)
                 if not self._lease_lost.is_set() and not heartbeat(self.redis, self.info, self.settings.lease_s):
                     self._lease_lost.set()  # the engine thread drops our work, then re-registers
                     self._wake.set()

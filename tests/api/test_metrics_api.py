@@ -50,7 +50,6 @@ def test_empty_system(metrics_api):
     assert got["hotswap:workers_up"] == {(("base_model", BASE),): 0}
     assert got["hotswap:dead_letter_requests"] == {(): 0}
     assert got["hotswap:scheduler_up"] == {(): 0}
-    assert got["hotswap:batches_dispatched_total"] == {(): 0}
     assert "hotswap:num_requests_waiting" not in got  # no series yet, but the family is declared
     assert "hotswap:time_to_first_token_seconds_bucket" not in got
 
@@ -78,7 +77,6 @@ def test_live_state_and_aggregated_observations(metrics_api, redis_client):
     assert queues.claim(rid, "gpu1") is not None
     assert queues.requeue(rid, "gpu1", crashed=True, max_attempts=1) == "dead"
     redis_client.set(keys.PREFIX + "scheduler:alive", 1, px=30000)
-    redis_client.hincrby(keys.PREFIX + "stats", "batches_dispatched", 3)
 
     # Observations from two processes (a dispatcher and a worker), flushed into the same hashes.
     dispatcher, worker = MetricsBuffer(), MetricsBuffer()
@@ -105,7 +103,6 @@ def test_live_state_and_aggregated_observations(metrics_api, redis_client):
     assert got["hotswap:worker_max_inflight"] == {(("worker", "gpu0"),): 8, (("worker", "gpu1"),): 4}
     assert got["hotswap:dead_letter_requests"] == {(): 1}
     assert got["hotswap:scheduler_up"] == {(): 1}
-    assert got["hotswap:batches_dispatched_total"] == {(): 3}
 
     base_rt = (("model", "base"), ("priority", "realtime"))
     assert got["hotswap:prompt_tokens_total"] == {base_rt: 6}

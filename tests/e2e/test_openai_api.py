@@ -205,3 +205,24 @@ def test_client_disconnect_cancels_the_running_request(live_stack):
     result = queues.result(request_id)
     assert result is not None and result.status == "cancelled" and result.finish_reason == "abort"
     assert result.completion_tokens < 400
+
+
+def test_metrics_show_the_traffic(live_stack, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.chat.completions.create(model="support-bot", messages=MESSAGES, max_tokens=4, temperature=0)
+    deadline = time.monotonic() + 10
+    while True:  # workers flush their metrics with each heartbeat
+        text = httpx.get(live_stack.url + "/metrics", timeout=30).text
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(text) for s in family.samples}
+        lora = ("model", f"lora:acme/{live_stack.adapter_record.ref}")
+        ttft = samples.get(("hotswap:time_to_first_token_seconds_count", (lora, ("priority", "realtime"))), 0)
+        if ttft or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert ttft >= 1
+    assert samples[("hotswap:generation_tokens_total", (lora, ("priority", "realtime")))] >= 4
+    assert samples[("hotswap:workers_up", (("base_model", BASE),))] == 1
+    assert samples[("hotswap:batch_size_count", (lora, ("priority", "realtime")))] >= 1
+    assert samples[("hotswap:adapter_loads_total", (lora,))] >= 1
