@@ -7,6 +7,7 @@ light: the `tokenizers` Rust library and jinja2 only.
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import jinja2
@@ -67,7 +68,9 @@ def _raise(message: str):
     raise jinja2.exceptions.TemplateError(message)
 
 
+@lru_cache(maxsize=32)
 def _compile(template: str) -> jinja2.Template:
+    # Compiled once per template (a few ms each time otherwise: every chat request renders one).
     # Sandboxed: templates come with user-supplied model dirs.
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise
