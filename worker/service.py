@@ -106,6 +106,10 @@ class WorkerService:
         requeued = 0
         for rid in self.queues.inflight(self.id):
             requeued += self.queues.requeue(rid, self.id, crashed=False) == "requeued"
+        try:
+            self.metrics.flush(self.redis)  # what the last requests observed
+        except Exception:
+            log.warning("could not flush the last metrics", exc_info=True)
         deregister(self.redis, self.id)
         self.redis.delete(self.info.queue, keys.worker_inflight(self.id), keys.worker_models(self.id),
                           keys.worker_cancels(self.id))
