@@ -31,6 +31,7 @@ def policy_config(settings) -> PolicyConfig:
         batch_window_s=settings.batch_window_ms / 1000,
         realtime_boost_s=settings.realtime_boost_s,
         affinity_wait_s=settings.affinity_wait_s,
+        swap_wait_s=settings.swap_wait_s,
         realtime_reserve=settings.realtime_reserve,
     )
 
@@ -51,6 +52,7 @@ class Dispatcher:
         self._next_reap = 0.0
         self.stop_event = threading.Event()
         self.metrics = MetricsBuffer()
+        self._last_taken: dict[str, float] = {}  # queue -> when it was last served (policy's idle_s)
 
     def reap(self) -> dict:
         s = self.settings
@@ -70,7 +72,9 @@ class Dispatcher:
             stats = self.queues.stats(base)
             if not stats:
                 continue
-            views = [QueueView(s.name, s.model_key, s.qclass, s.length, max(0.0, now - s.oldest_score)) for s in stats]
+            views = [QueueView(s.name, s.model_key, s.qclass, s.length, max(0.0, now - s.oldest_score),
+                               idle_s=now - self._last_taken[s.name] if s.name in self._last_taken else None)
+                     for s in stats]
             mine = {w.id: w for w in workers if w.base_model == base}
             for a in plan(views, [worker_view(w) for w in mine.values()], self.cfg):
                 self._dispatch(a.queue, mine[a.worker_id], a.count, a.isolate)
@@ -82,6 +86,7 @@ class Dispatcher:
         ids = self.queues.take(queue, count, worker.id, worker.max_inflight, isolate=isolate)
         if not ids:
             return
+        self._last_taken[queue] = time.time()
         try:
             send_batch(self.celery, worker.queue, ids, worker.id)
         except Exception:  # broker unreachable: give the requests back rather than strand them

@@ -1,21 +1,29 @@
 """Which model's requests go next, to which worker, and how many: pure functions, no I/O.
 
-The dispatcher calls `plan` with a snapshot of the queues and the live workers. Rules, in order:
-1. Urgency. Queues are served most urgent first: the age of their oldest request, plus a head start
-   for real-time ones (`realtime_boost_s`). A batch request that has waited that much longer ranks
-   with a fresh real-time one, so batch work never starves.
-2. Batching. A queue is dispatched once it can fill a batch (`max_batch`) or its oldest request has
-   waited its class's batching window; a worker with too little room for the whole batch gets it
-   only after the window too, so batches are not cut into dribbles.
+The dispatcher calls `plan` with a snapshot of the queues and the live workers. Rules:
+1. Order. Suspects first (rare; each blocks its own retries), then real-time queues (oldest first),
+   then batch queues, biggest first (fewest, fullest dispatches). A batch queue that has not been
+   served for `realtime_boost_s` (it is "starving") ranks with the real-time ones: batch work
+   never starves, however busy the real-time side is.
+2. Batches, not dribbles. A queue waits its class's batching window for arrivals to fill a batch
+   (`max_batch`). A batch-priority batch goes only when the whole of it fits the worker's room
+   (room frees a seat at a time as requests finish; sending each seat's worth alone would cut the
+   backlog into batches of one); a starving queue takes what fits. Real-time requests go at once.
 3. Affinity. A request goes to a worker that already has its weights: for a LoRA adapter, one
    that holds it (GPU slot or host memory) or runs requests for it; for a full fine-tune, one that
-   has it resident. If such workers exist but are full, the request waits for them up to
-   `affinity_wait_s`, then takes any worker with room. A worker on other full weights is swapped
-   only when it has nothing left to do for them or the request waited past that bound: swaps are
-   the expensive thing, and the policy keeps them rare.
-4. Real-time room. Batch work leaves `realtime_reserve` of each worker free for real-time arrivals.
-5. Suspects (requests that crashed a worker more than once) run alone on an idle worker; while one
-   waits, the least busy worker gets no new work, so it empties even under steady load.
+   has it resident or was sent requests for it. When such a worker exists but is full, the queue
+   waits for it until it has gone unserved `affinity_wait_s` (LoRA: another worker loads it in
+   milliseconds) or `swap_wait_s` (full weights: another worker would have to swap), then goes on.
+4. Swaps are the expensive thing. A worker's full weights change only if no worker has (or is
+   committed to) the wanted ones. For batch work the worker must have nothing queued for its
+   current weights (a backlog never pulls workers back and forth); for real-time work it must be
+   spareable (nothing queued for its weights, or another worker has them too), or the request
+   waited `swap_wait_s`. A starving queue may swap a spareable worker.
+5. Real-time room. Batch work leaves `realtime_reserve` of each worker free for real-time arrivals.
+
+Ages: `oldest_age_s` is how long the queue's oldest request has waited (batching windows);
+`idle_s` how long since the queue was last served (affinity bound, starvation), so a large
+backlog, whose requests are all old, is still batched and kept on its worker.
 """
 
 from __future__ import annotations
@@ -31,10 +39,15 @@ class QueueView:
     qclass: str  # "realtime" | "batch" | "suspect"
     length: int
     oldest_age_s: float
+    idle_s: float | None = None  # since requests were last taken from it (None: never, use oldest_age_s)
 
     @property
     def weights(self) -> str:
         return self.model_key if self.model_key.startswith("full:") else "base"
+
+    @property
+    def since_served(self) -> float:
+        return self.oldest_age_s if self.idle_s is None else min(self.idle_s, self.oldest_age_s)
 
 
 @dataclass(frozen=True)
@@ -54,9 +67,9 @@ class WorkerView:
 
     @property
     def future_weights(self) -> str:
-        """The weights it will have once its queued work starts: a full fine-tune it was sent wins."""
-        fulls = [m for m, n in self.inflight_models.items() if n > 0 and m.startswith("full:")]
-        return fulls[0] if fulls else self.weights
+        """The weights it will have once its work starts: a full fine-tune it was sent wins."""
+        fulls = {m: n for m, n in self.inflight_models.items() if n > 0 and m.startswith("full:")}
+        return max(fulls, key=lambda m: (fulls[m], m)) if fulls else self.weights
 
     def has(self, model_key: str) -> bool:
         return model_key in self.holds or self.inflight_models.get(model_key, 0) > 0
@@ -67,9 +80,10 @@ class PolicyConfig:
     max_batch: int = 32
     realtime_window_s: float = 0.0
     batch_window_s: float = 0.05
-    realtime_boost_s: float = 30.0
-    affinity_wait_s: float = 2.0
-    realtime_reserve: float = 0.1  # share of each worker that batch work leaves free
+    realtime_boost_s: float = 30.0  # a batch queue unserved this long ranks with real-time ones
+    affinity_wait_s: float = 0.5  # waiting for a full worker that holds the LoRA (a load costs ms)
+    swap_wait_s: float = 10.0  # waiting for a full worker that has the full weights (a swap costs s)
+    realtime_reserve: float = 0.25  # share of each worker that batch work leaves free
 
     def window(self, qclass: str) -> float:
         return self.realtime_window_s if qclass in ("realtime", "suspect") else self.batch_window_s
@@ -83,10 +97,19 @@ class Assignment:
     isolate: bool = False
 
 
-def urgency(q: QueueView, cfg: PolicyConfig) -> float:
+def starving(q: QueueView, cfg: PolicyConfig) -> bool:
+    return q.qclass == "batch" and q.since_served >= cfg.realtime_boost_s
+
+
+def urgency(q: QueueView, cfg: PolicyConfig) -> tuple[int, float]:
+    """Sort key, most urgent first when sorted in reverse."""
     if q.qclass == "suspect":
-        return float("inf")  # rare, and each one blocks its own retries: settle it first
-    return q.oldest_age_s + (cfg.realtime_boost_s if q.qclass == "realtime" else 0.0)
+        return (3, q.oldest_age_s)
+    if q.qclass == "realtime":
+        return (2, cfg.realtime_boost_s + q.oldest_age_s)
+    if starving(q, cfg):
+        return (2, q.since_served)
+    return (1, float(q.length))
 
 
 def room_for(w: WorkerView, qclass: str, cfg: PolicyConfig) -> int:
@@ -105,35 +128,40 @@ def affinity(w: WorkerView, model_key: str, weights: str) -> int:
     return 2 if w.has(model_key) else 1
 
 
-def swap_allowed(w: WorkerView, q: QueueView, queued_weights: set[str], cfg: PolicyConfig) -> bool:
-    """Swap a worker's full weights only when nothing waits for its current ones, or `q` has
-    waited past the affinity bound."""
-    idle = not any(n > 0 for n in w.inflight_models.values()) and w.inflight == 0
-    return (idle and w.future_weights not in queued_weights) or q.oldest_age_s >= cfg.affinity_wait_s
+def spareable(w: WorkerView, workers: Sequence[WorkerView], queued_weights: set[str]) -> bool:
+    """Whether swapping `w` away from its weights leaves no queued work without a worker."""
+    mine = w.future_weights
+    return mine not in queued_weights or any(o.id != w.id and o.future_weights == mine for o in workers)
 
 
 def choose_worker(q: QueueView, workers: Sequence[WorkerView], queued_weights: set[str],
                   cfg: PolicyConfig) -> WorkerView | None:
     want = q.weights
-    with_room = [w for w in workers if room_for(w, q.qclass, cfg) > 0]
+    staying = [w for w in workers if not w.draining]  # a draining worker will never have room again
+    with_room = [w for w in staying if room_for(w, q.qclass, cfg) > 0]
     if not with_room:
         return None
     best = max(with_room, key=lambda w: (affinity(w, q.model_key, want), room_for(w, q.qclass, cfg)))
     level = affinity(best, q.model_key, want)
     if level == 2:
         return best
-    waited = q.oldest_age_s >= cfg.affinity_wait_s
-    staying = [w for w in workers if not w.draining]  # a draining worker will never have room again
-    holders_busy = any(affinity(w, q.model_key, want) == 2 for w in staying)
     if level == 1:
-        # A worker that holds the adapter exists but is full: wait for it a little.
-        return best if not holders_busy or waited else None
+        holders = any(affinity(w, q.model_key, want) == 2 for w in staying)
+        waited = q.since_served >= cfg.affinity_wait_s
+        return best if not holders or waited else None  # a holder will have room soon
+    # Needs a swap.
+    waited = q.since_served >= cfg.swap_wait_s
     if any(affinity(w, q.model_key, want) > 0 for w in staying) and not waited:
-        return None  # a worker with the right weights will have room soon; a swap is dearer
-    swappable = [w for w in with_room if swap_allowed(w, q, queued_weights, cfg)]
-    if not swappable:
+        return None  # a worker with these weights will have room soon: cheaper than a swap
+    if q.qclass == "batch" and not starving(q, cfg):
+        # Batch work takes only a worker with nothing queued for its own weights: a backlog must
+        # not pull a worker back and forth between fine-tunes.
+        pool = [w for w in with_room if w.future_weights not in queued_weights]
+    else:
+        pool = [w for w in with_room if spareable(w, staying, queued_weights)] or (with_room if waited else [])
+    if not pool:
         return None
-    return max(swappable, key=lambda w: (w.inflight == 0, room_for(w, q.qclass, cfg)))
+    return max(pool, key=lambda w: (w.inflight == 0, room_for(w, q.qclass, cfg)))
 
 
 def plan(queues: Sequence[QueueView], workers: Sequence[WorkerView], cfg: PolicyConfig) -> list[Assignment]:
@@ -145,16 +173,7 @@ def plan(queues: Sequence[QueueView], workers: Sequence[WorkerView], cfg: Policy
         if q.length <= 0:
             continue
         if q.qclass == "suspect":
-            idle = [w for w in workers.values() if w.inflight == 0 and w.free > 0]
-            if idle:
-                w = idle[0]
-                out.append(Assignment(q.name, w.id, 1, isolate=True))
-                workers[w.id] = replace(w, inflight=1, isolated=True)
-            else:  # under steady load no worker would ever empty: let the least busy one drain for it
-                open_ = [w for w in workers.values() if w.free > 0]
-                if open_:
-                    w = min(open_, key=lambda w: (w.inflight, w.id))
-                    workers[w.id] = replace(w, isolated=True)
+            _place_suspect(q, workers, out)
             continue
         want = min(q.length, cfg.max_batch)
         if want < cfg.max_batch and q.oldest_age_s < cfg.window(q.qclass):
@@ -163,8 +182,8 @@ def plan(queues: Sequence[QueueView], workers: Sequence[WorkerView], cfg: Policy
         if w is None:
             continue
         count = min(want, room_for(w, q.qclass, cfg))
-        if count < want and q.oldest_age_s < cfg.window(q.qclass):
-            continue  # only part of a batch fits: wait for more room within the window
+        if q.qclass == "batch" and count < want and not starving(q, cfg):
+            continue  # wait until the whole batch fits
         out.append(Assignment(q.name, w.id, count))
         models = dict(w.inflight_models)
         models[q.model_key] = models.get(q.model_key, 0) + count
@@ -172,11 +191,27 @@ def plan(queues: Sequence[QueueView], workers: Sequence[WorkerView], cfg: Policy
     return out
 
 
+def _place_suspect(q: QueueView, workers: dict[str, WorkerView], out: list[Assignment]) -> None:
+    idle = [w for w in workers.values() if w.inflight == 0 and w.free > 0]
+    if idle:
+        w = idle[0]
+        out.append(Assignment(q.name, w.id, 1, isolate=True))
+        workers[w.id] = replace(w, inflight=1, isolated=True)
+        return
+    # Under steady load no worker would ever empty: let the least busy one drain for it.
+    open_ = [w for w in workers.values() if w.free > 0]
+    if open_:
+        w = min(open_, key=lambda w: (w.inflight, w.id))
+        workers[w.id] = replace(w, isolated=True)
+
+
 def next_check_s(queues: Sequence[QueueView], cfg: PolicyConfig, idle_s: float = 0.5) -> float:
     """How long the dispatcher may sleep before some queue's batching window or affinity bound ends."""
     waits = [idle_s]
     for q in queues:
-        for bound in (cfg.window(q.qclass), cfg.affinity_wait_s):
-            if q.oldest_age_s < bound:
-                waits.append(bound - q.oldest_age_s)
+        if q.oldest_age_s < cfg.window(q.qclass):
+            waits.append(cfg.window(q.qclass) - q.oldest_age_s)
+        for bound in (cfg.affinity_wait_s, cfg.swap_wait_s, cfg.realtime_boost_s):
+            if q.since_served < bound:
+                waits.append(bound - q.since_served)
     return max(0.001, min(waits))

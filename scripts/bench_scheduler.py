@@ -280,6 +280,7 @@ class Run:
         self.queues = Queues(redis_client)
         self.engines = {f"sim-w{i}": ENGINES[args.engine](f"sim-w{i}", args) for i in range(args.workers)}
         self.batches: list[Batch] = []
+        self.last_taken: dict[str, float] = {}  # queue -> when the policy last took from it (virtual)
         self.rounds = 0
         redis_client.flushdb()
         for wid in self.engines:
@@ -328,9 +329,13 @@ class Run:
         stats = self.queues.stats(BASE)
         if not stats:
             return 0.5
-        views = [QueueView(s.name, s.model_key, s.qclass, s.length, max(0.0, now - s.oldest_score)) for s in stats]
+        views = [QueueView(s.name, s.model_key, s.qclass, s.length, max(0.0, now - s.oldest_score),
+                           idle_s=now - self.last_taken[s.name] if s.name in self.last_taken else None)
+                 for s in stats]
         for a in plan(views, [worker_view(w) for w in self._workers()], self.cfg):
             ids = self.queues.take(a.queue, a.count, a.worker_id, self.args.max_inflight, isolate=a.isolate)
+            if ids:
+                self.last_taken[a.queue] = now
             self.deliver(a.worker_id, ids, now)
         return min(0.5, next_check_s(views, self.cfg))
 
@@ -399,7 +404,8 @@ class Run:
 def policy_config(args: argparse.Namespace) -> PolicyConfig:
     return PolicyConfig(max_batch=args.max_batch, realtime_window_s=args.realtime_window_s,
                         batch_window_s=args.batch_window_s, realtime_boost_s=args.realtime_boost_s,
-                        affinity_wait_s=args.affinity_wait_s, realtime_reserve=args.realtime_reserve)
+                        affinity_wait_s=args.affinity_wait_s, swap_wait_s=args.swap_wait_s,
+                        realtime_reserve=args.realtime_reserve)
 
 
 # -- figures --------------------------------------------------------------------------------------
@@ -595,7 +601,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     k = p.add_argument_group("policy knobs (scheduler.policy.PolicyConfig)")
     defaults = PolicyConfig()
     for name in ("max_batch", "realtime_window_s", "batch_window_s", "realtime_boost_s", "affinity_wait_s",
-                 "realtime_reserve"):
+                 "swap_wait_s", "realtime_reserve"):
         value = getattr(defaults, name)
         k.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, help=f"default {value}")
     p.add_argument("--max-sim-s", type=float, default=36000.0, help="give up past this virtual time (a stuck run)")

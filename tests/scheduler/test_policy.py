@@ -16,12 +16,13 @@ from scheduler.policy import (
     next_check_s,
     plan,
     room_for,
-    swap_allowed,
+    spareable,
+    starving,
     urgency,
 )
 
 CFG = PolicyConfig(max_batch=8, realtime_window_s=0.0, batch_window_s=0.05, realtime_boost_s=30.0,
-                   affinity_wait_s=2.0, realtime_reserve=0.0)
+                   affinity_wait_s=2.0, swap_wait_s=2.0, realtime_reserve=0.0)
 LORA_A, LORA_B = "lora:t/a@1", "lora:t/b@1"
 FULL_A, FULL_B = "full:t/fa@1", "full:t/fb@1"
 
@@ -57,12 +58,21 @@ def test_aged_batch_queue_beats_a_fresh_realtime_one():
     assert out == [Assignment(batch.name, "w1", 4)]
 
 
-@pytest.mark.parametrize("qclass, age, expected", [
-    ("realtime", 0.0, 30.0), ("realtime", 1.5, 31.5), ("batch", 0.0, 0.0), ("batch", 31.0, 31.0),
-    ("suspect", 0.0, float("inf")),
+@pytest.mark.parametrize("qclass, age, length, expected", [
+    ("realtime", 0.0, 1, (2, 30.0)), ("realtime", 1.5, 1, (2, 31.5)),
+    ("batch", 0.0, 5, (1, 5.0)),  # not starving: biggest batch first
+    ("batch", 31.0, 5, (2, 31.0)),  # unserved past realtime_boost_s: ranks with real-time
+    ("suspect", 0.0, 1, (3, 0.0)),
 ])
-def test_urgency_is_age_plus_realtime_boost(qclass, age, expected):
-    assert urgency(q(qclass=qclass, age=age), CFG) == expected
+def test_urgency(qclass, age, length, expected):
+    assert urgency(q(qclass=qclass, age=age, length=length), CFG) == expected
+
+
+def test_starving_counts_from_the_last_service_not_the_oldest_request():
+    backlog = QueueView("q", LORA_A, "batch", 500, oldest_age_s=300.0, idle_s=1.0)
+    assert not starving(backlog, CFG)
+    assert starving(replace(backlog, idle_s=31.0), CFG)
+    assert starving(replace(backlog, idle_s=None), CFG)  # never served: its oldest request's age
 
 
 # -- batching window --------------------------------------------------------------------------------
@@ -92,10 +102,15 @@ def test_realtime_window_is_honoured_when_set():
     assert plan([q(length=1, age=0.02)], [w()], c) == [Assignment("q:realtime:base", "w1", 1)]
 
 
-def test_partial_room_is_held_within_the_window_then_sent():
+def test_batch_waits_until_the_whole_batch_fits_unless_starving():
     worker = w(max_inflight=8, inflight=5)  # room for 3 of a full batch of 8
     assert plan([q(qclass="batch", length=8, age=0.01)], [worker], CFG) == []
-    assert plan([q(qclass="batch", length=8, age=0.06)], [worker], CFG) == [Assignment("q:batch:base", "w1", 3)]
+    served_lately = QueueView("q:batch:base", "base", "batch", 8, oldest_age_s=60.0, idle_s=1.0)
+    assert plan([served_lately], [worker], CFG) == []  # an old backlog still waits ...
+    fits = replace(worker, inflight=0)
+    assert plan([q(qclass="batch", length=8, age=60.0)], [fits], CFG) == [Assignment("q:batch:base", "w1", 8)]
+    starved = QueueView("q:batch:base", "base", "batch", 8, oldest_age_s=60.0, idle_s=31.0)
+    assert plan([starved], [worker], CFG) == [Assignment("q:batch:base", "w1", 3)]  # ... unless unserved too long
 
 
 def test_partial_room_goes_at_once_for_realtime():
@@ -207,10 +222,15 @@ def test_swap_despite_queued_work_once_the_request_waited_past_affinity_wait():
     assert plan([held, old], [w(weights=FULL_A)], CFG) == [Assignment(old.name, "w1", 2)]
 
 
-def test_no_swap_of_a_worker_still_running_its_weights_until_affinity_wait():
-    busy = w(max_inflight=8, inflight=2, weights=FULL_A, inflight_models={FULL_A: 2})
-    assert plan([q(FULL_B, length=2, age=1.0)], [busy], CFG) == []
-    assert plan([q(FULL_B, length=2, age=2.0)], [busy], CFG) == [Assignment(f"q:realtime:{FULL_B}", "w1", 2)]
+def test_a_worker_finishing_weights_nobody_waits_for_is_sent_the_next_finetune_at_once():
+    busy = w(max_inflight=8, inflight=2, weights=FULL_A, inflight_models={FULL_A: 2})  # its engine drains, then swaps
+    assert plan([q(FULL_B, length=2, age=0.0)], [busy], CFG) == [Assignment(f"q:realtime:{FULL_B}", "w1", 2)]
+
+
+def test_batch_backlog_never_pulls_a_worker_off_weights_with_queued_work():
+    on_a = w(max_inflight=8, weights=FULL_A)
+    backlog = QueueView(f"q:batch:{FULL_B}", FULL_B, "batch", 8, oldest_age_s=300.0, idle_s=5.0)
+    assert plan([q(FULL_A, qclass="batch", length=1, age=0.0), backlog], [on_a], CFG) == []
 
 
 def test_swap_prefers_an_idle_worker_over_a_busier_one():
@@ -220,16 +240,15 @@ def test_swap_prefers_an_idle_worker_over_a_busier_one():
     assert [a.worker_id for a in out] == ["w2"]
 
 
-@pytest.mark.parametrize("worker, queued, age, allowed", [
-    (w(weights=FULL_A), set(), 0.0, True),
-    (w(weights=FULL_A), {FULL_A}, 0.0, False),
-    (w(weights=FULL_A), {FULL_A}, 2.0, True),
-    (w(weights=FULL_A, inflight=1, inflight_models={FULL_A: 1}), set(), 0.0, False),
-    (w(weights=FULL_A, inflight=1, inflight_models={FULL_A: 1}), set(), 2.0, True),
-    (w(), {"base"}, 0.0, False),
+@pytest.mark.parametrize("worker, others, queued, ok", [
+    (w(weights=FULL_A), [], set(), True),  # nothing waits for its weights
+    (w(weights=FULL_A), [], {FULL_A}, False),  # its weights have queued work and nobody else has them
+    (w(weights=FULL_A), [w("w2", weights=FULL_A)], {FULL_A}, True),  # another worker has them too
+    (w(inflight=1, inflight_models={FULL_A: 1}), [], {FULL_A}, False),  # committed to FULL_A
+    (w(), [], {"base"}, False),
 ])
-def test_swap_allowed(worker, queued, age, allowed):
-    assert swap_allowed(worker, q(FULL_B, age=age), queued, CFG) is allowed
+def test_spareable(worker, others, queued, ok):
+    assert spareable(worker, [worker, *others], queued) is ok
 
 
 def test_a_finetune_sent_in_this_plan_steers_later_queues_away_from_that_worker():
