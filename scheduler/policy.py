@@ -128,14 +128,15 @@ def affinity(w: WorkerView, model_key: str, weights: str) -> int:
     return 2 if w.has(model_key) else 1
 
 
-def spareable(w: WorkerView, workers: Sequence[WorkerView], queued_weights: set[str]) -> bool:
+def spareable(w: WorkerView, workers: Sequence[WorkerView], queued_weights: Mapping[str, int]) -> bool:
     """Whether swapping `w` away from its weights leaves no queued work without a worker."""
     mine = w.future_weights
     return mine not in queued_weights or any(o.id != w.id and o.future_weights == mine for o in workers)
 
 
-def choose_worker(q: QueueView, workers: Sequence[WorkerView], queued_weights: set[str],
+def choose_worker(q: QueueView, workers: Sequence[WorkerView], queued_weights: Mapping[str, int],
                   cfg: PolicyConfig) -> WorkerView | None:
+    """`queued_weights`: requests queued per full weights ("base" or a fine-tune's key)."""
     want = q.weights
     staying = [w for w in workers if not w.draining]  # a draining worker will never have room again
     with_room = [w for w in staying if room_for(w, q.qclass, cfg) > 0]
@@ -158,7 +159,9 @@ def choose_worker(q: QueueView, workers: Sequence[WorkerView], queued_weights: s
         # not pull a worker back and forth between fine-tunes.
         pool = [w for w in with_room if w.future_weights not in queued_weights]
     else:
-        pool = [w for w in with_room if spareable(w, staying, queued_weights)] or (with_room if waited else [])
+        pool = [w for w in with_room if spareable(w, staying, queued_weights)]
+        if not pool and waited:  # take the worker whose weights the fewest queued requests need
+            pool = [min(with_room, key=lambda w: (queued_weights.get(w.future_weights, 0), -w.free))]
     if not pool:
         return None
     return max(pool, key=lambda w: (w.inflight == 0, room_for(w, q.qclass, cfg)))
@@ -167,7 +170,10 @@ def choose_worker(q: QueueView, workers: Sequence[WorkerView], queued_weights: s
 def plan(queues: Sequence[QueueView], workers: Sequence[WorkerView], cfg: PolicyConfig) -> list[Assignment]:
     """The batches to dispatch now: at most one per queue (the dispatcher asks again right away)."""
     workers = {w.id: w for w in workers}
-    queued_weights = {q.weights for q in queues if q.length > 0}
+    queued_weights: dict[str, int] = {}
+    for q in queues:
+        if q.length > 0:
+            queued_weights[q.weights] = queued_weights.get(q.weights, 0) + q.length
     out: list[Assignment] = []
     for q in sorted(queues, key=lambda q: urgency(q, cfg), reverse=True):
         if q.length <= 0:
