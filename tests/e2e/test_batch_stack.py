@@ -66,6 +66,35 @@ def lines_of(client, file_id: str) -> dict[str, dict]:
     return by_id
 
 
+def check_presigned_results(live_stack, done) -> None:
+    """GET /v1/batches/{id}/results gives presigned S3 URLs: downloading them with plain HTTP and reading
+    their objects with boto3 both give the files' content; another tenant gets a 404."""
+    from urllib.parse import urlsplit
+
+    import boto3
+    import httpx
+
+    resp = httpx.get(f"{live_stack.url}/v1/batches/{done.id}/results", params={"expires_in": 600},
+                     headers={"Authorization": f"Bearer {live_stack.key}"})
+    assert resp.status_code == 200, resp.text
+    urls = resp.json()
+    assert time.time() < urls["expires_at"] <= time.time() + 600 + 5
+    s3 = boto3.client("s3", endpoint_url=live_stack.settings.s3_endpoint_url, aws_access_key_id="testing",
+                      aws_secret_access_key="testing", region_name="us-east-1")
+    client = openai.OpenAI(base_url=live_stack.url + "/v1", api_key=live_stack.key, max_retries=0)
+    for url, file_id in ((urls["output_url"], done.output_file_id), (urls["error_url"], done.error_file_id)):
+        if file_id is None:
+            assert url is None
+            continue
+        want = client.files.content(file_id).content
+        assert httpx.get(url, timeout=30).content == want
+        bucket, _, key = urlsplit(url).path.lstrip("/").partition("/")  # path-style URL of moto / MinIO
+        assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == want
+    other = httpx.get(f"{live_stack.url}/v1/batches/{done.id}/results",
+                      headers={"Authorization": f"Bearer {live_stack.other_key}"})
+    assert other.status_code == 404 and other.json()["error"]["message"]
+
+
 def test_mixed_models_batch_equals_the_engine(live_stack, client, direct, demo_tokenizer):
     models = [BASE, "support-bot", "support-bot@1"]
     rows, want_inputs = [], {}
@@ -98,6 +127,9 @@ def test_mixed_models_batch_equals_the_engine(live_stack, client, direct, demo_t
         {output[f"support-bot/{i}"]["response"]["body"]["choices"][0]["message"]["content"] for i in range(4)}
     errors = lines_of(client, done.error_file_id)
     assert list(errors) == ["ghost"] and errors["ghost"]["response"]["status_code"] == 404
+
+    # The presigned URLs (hotswap extension) serve the same bytes to any HTTP or S3 client.
+    check_presigned_results(live_stack, done)
 
     # Another tenant sees neither the batch nor its results.
     other = openai.OpenAI(base_url=live_stack.url + "/v1", api_key=live_stack.other_key, max_retries=0)
@@ -149,3 +181,45 @@ def test_cli_completions_batch_with_a_scheduler_restart(live_stack, client, dire
     for r, want in zip(rows, texts):
         body = openai.types.Completion.model_validate(by_id[r["custom_id"]]["response"]["body"])
         assert body.choices[0].text == want and body.model == r["body"]["model"]
+
+
+def test_cancel_mid_way_keeps_what_finished_and_stops_the_rest(live_stack, client, direct, demo_tokenizer):
+    """Cancel while lines are still queued: the batch ends `cancelled`, its output holds exactly the lines
+    that completed (each once, equal to the engine), nothing of it stays queued or running, and the
+    stack serves the next request at once."""
+    prompts = [f"Write a story about a {animal}." for animal in
+               ("cat", "dog", "fox", "owl", "bee", "eel", "yak", "ant")] * 5
+    rows = [{"custom_id": f"s{i}", "method": "POST", "url": "/v1/completions",
+             "body": {"model": BASE if i % 2 else "support-bot", "prompt": p, "max_tokens": 24, "temperature": 0}}
+            for i, p in enumerate(prompts)]
+    file_id = client.files.create(file=("long.jsonl", jsonl(rows)), purpose="batch").id
+    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/completions", completion_window="24h")
+    deadline = time.monotonic() + 300
+    while (current := client.batches.retrieve(batch.id)).request_counts.completed < 1:
+        assert current.status in ("validating", "in_progress"), current
+        assert time.monotonic() < deadline, "no line finished in 300 s"
+        time.sleep(0.2)
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    done = wait_batch(client, batch.id, timeout=120)
+
+    assert done.status == "cancelled" and done.cancelled_at is not None
+    counts = done.request_counts
+    assert counts.total == len(rows) and 1 <= counts.completed < len(rows) and counts.failed == 0
+    output = lines_of(client, done.output_file_id)
+    assert len(output) == counts.completed  # what finished is kept, once each
+    by_id = {r["custom_id"]: r for r in rows}
+    ids = sorted(output)
+    texts = direct([demo_tokenizer.encode(by_id[c]["body"]["prompt"]) for c in ids],
+                   [None if by_id[c]["body"]["model"] == BASE else "support-bot" for c in ids], 24)
+    for custom_id, want in zip(ids, texts):
+        assert output[custom_id]["response"]["body"]["choices"][0]["text"] == want, custom_id
+    check_presigned_results(live_stack, done)
+
+    # Nothing of the batch is left in the queues or on the worker: the next request runs at once.
+    r = live_stack.redis
+    assert sum(r.zcard(k) for k in r.scan_iter("hotswap:q:*")) == 0
+    assert sum(r.scard(k) for k in r.scan_iter("hotswap:w:*:inflight")) == 0
+    started = time.monotonic()
+    reply = client.completions.create(model=BASE, prompt="Hello", max_tokens=2, temperature=0)
+    assert reply.choices[0].text and time.monotonic() - started < 60
