@@ -123,6 +123,11 @@ def test_mixed_models_batch_equals_the_engine(live_stack, client, direct, demo_t
         assert body.choices[0].message.content == want, custom_id
         assert body.model == custom_id.split("/")[0]  # the name the line used
         assert body.usage.completion_tokens <= 8
+    # The same greedy requests through the real-time API give the same answers.
+    for row in rows[:-1]:
+        live = client.chat.completions.create(**row["body"])
+        assert live.choices[0].message.content == \
+            output[row["custom_id"]]["response"]["body"]["choices"][0]["message"]["content"], row["custom_id"]
     assert {output[f"{BASE}/{i}"]["response"]["body"]["choices"][0]["message"]["content"] for i in range(4)} != \
         {output[f"support-bot/{i}"]["response"]["body"]["choices"][0]["message"]["content"] for i in range(4)}
     errors = lines_of(client, done.error_file_id)

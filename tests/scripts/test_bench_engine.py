@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_engine.py"
+from tests.script_modules import loaded_script
+
 TINY = ["--num-requests", "4", "--min-prompt", "16", "--max-prompt", "32", "--min-tokens", "4", "--max-tokens", "8",
         "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_engine", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    try:
-        spec.loader.exec_module(module)
+    with loaded_script("bench_engine") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def check_sides(report: dict, max_tokens_sum: int) -> None:

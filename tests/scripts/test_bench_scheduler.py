@@ -3,27 +3,19 @@ request exactly once (no assertions on the policy's figures: those are the bench
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_scheduler.py"
+from tests.script_modules import loaded_script
+
 TINY = ["--backlog", "200", "--duration", "10", "--rt-rate", "5", "--adapters", "10", "--full-ranks", "3,6,9"]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_scheduler", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    try:
-        spec.loader.exec_module(module)
+    with loaded_script("bench_scheduler") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def check_side(figures: dict, requests: int, realtime: int) -> None:

@@ -5,28 +5,19 @@ stream, exact prompt lengths with the demo tokenizer, and one tiny run against a
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_serving.py"
+from tests.script_modules import loaded_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_serving", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    try:
-        spec.loader.exec_module(module)
+    with loaded_script("bench_serving", "_stack") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def record(bench, ttft, gaps, output_tokens=None, model="m", max_tokens=None, status=200, success=True):

@@ -4,35 +4,17 @@ worker killed and replaced on a live local stack (no timing asserts)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
+from tests.script_modules import loaded_script
 
 
 @pytest.fixture(scope="module")
 def soak():
-    had = {n: sys.modules.get(n) for n in ("soak", "bench_serving")}
-    try:
-        yield _load("soak")
-    finally:
-        for name, module in had.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
+    with loaded_script("soak", "bench_serving", "_stack") as module:
+        yield module
 
 
 def rec(soak, status=200, success=True, response_id="", text="", tokens=4, send_s=0.0, ttft=0.1, e2el=0.5,
