@@ -15,10 +15,12 @@ The dispatcher calls `plan` with a snapshot of the queues and the live workers. 
    waits for it until it has gone unserved `affinity_wait_s` (LoRA: another worker loads it in
    milliseconds) or `swap_wait_s` (full weights: another worker would have to swap), then goes on.
 4. Swaps are the expensive thing. A worker's full weights change only if no worker has (or is
-   committed to) the wanted ones. For batch work the worker must have nothing queued for its
-   current weights (a backlog never pulls workers back and forth); for real-time work it must be
-   spareable (nothing queued for its weights, or another worker has them too), or the request
-   waited `swap_wait_s`. A starving queue may swap a spareable worker.
+   committed to) the wanted ones. Batch work, starving or not, swaps only a worker with nothing
+   queued for its current weights (a backlog never pulls workers back and forth), and only an idle
+   one while another worker has the wanted weights. Real-time work swaps a spareable worker
+   (nothing queued for its weights, or another worker has them too); once it has waited
+   `swap_wait_s`, the worker whose weights the fewest queued requests need, if fewer than need its
+   own (or the only worker there is): it never strands the last worker of busier weights.
 5. Real-time room. Batch work leaves `realtime_reserve` of each worker free for real-time arrivals.
 
 Ages: `oldest_age_s` is how long the queue's oldest request has waited (batching windows);
@@ -152,16 +154,24 @@ def choose_worker(q: QueueView, workers: Sequence[WorkerView], queued_weights: M
         return best if not holders or waited else None  # a holder will have room soon
     # Needs a swap.
     waited = q.since_served >= cfg.swap_wait_s
-    if any(affinity(w, q.model_key, want) > 0 for w in staying) and not waited:
+    holders = any(affinity(w, q.model_key, want) > 0 for w in staying)
+    if holders and q.qclass == "batch" and not any(w.inflight == 0 for w in with_room):
+        return None  # a backlog swaps only an idle worker while another has its weights
+    if holders and q.qclass != "batch" and not waited:
         return None  # a worker with these weights will have room soon: cheaper than a swap
     if q.qclass == "batch" and not starving(q, cfg):
         # Batch work takes only a worker with nothing queued for its own weights: a backlog must
         # not pull a worker back and forth between fine-tunes.
-        pool = [w for w in with_room if w.future_weights not in queued_weights]
+        pool = [w for w in with_room if w.future_weights not in queued_weights and (not holders or w.inflight == 0)]
     else:
         pool = [w for w in with_room if spareable(w, staying, queued_weights)]
-        if not pool and waited:  # take the worker whose weights the fewest queued requests need
-            pool = [min(with_room, key=lambda w: (queued_weights.get(w.future_weights, 0), -w.free))]
+        if not pool and waited:
+            # Take the worker whose weights the fewest queued requests need, if fewer need them than
+            # need ours (a swap must not strand more work than it serves), or the only worker there
+            # is (real-time comes before a backlog); otherwise wait for another to become spareable.
+            ours = queued_weights.get(want, 0)
+            fewer = [w for w in with_room if queued_weights.get(w.future_weights, 0) < ours or len(staying) == 1]
+            pool = [min(fewer, key=lambda w: (queued_weights.get(w.future_weights, 0), -w.free))] if fewer else []
     if not pool:
         return None
     return max(pool, key=lambda w: (w.inflight == 0, room_for(w, q.qclass, cfg)))

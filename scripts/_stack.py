@@ -272,11 +272,12 @@ class LocalStack:
 
         return live_workers(self.redis)
 
-    def wait_workers(self, n: int, timeout: float = 300.0) -> list:
-        """Until n workers hold a lease (a killed one's lease lapses after HOTSWAP_LEASE_S)."""
+    def wait_workers(self, n: int, timeout: float = 300.0, exclude: set[str] = frozenset()) -> list:
+        """Until n workers other than `exclude` (ids) hold a lease (a killed one's lease lapses only
+        after HOTSWAP_LEASE_S)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            live = self.live_workers()
+            live = [w for w in self.live_workers() if w.id not in exclude]
             if len(live) >= n:
                 return live
             for name, proc in self.procs.procs.items():

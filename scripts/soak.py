@@ -214,8 +214,8 @@ class LocalHarness:
     def restart_worker(self) -> int | None:
         return self.stack.start_worker(0)
 
-    def wait_workers(self, n: int, timeout: float) -> None:
-        self.stack.wait_workers(n, timeout)
+    def wait_workers(self, n: int, timeout: float, exclude: set[str] = frozenset()) -> None:
+        self.stack.wait_workers(n, timeout, exclude)
 
 
 class RemoteHarness:
@@ -262,11 +262,11 @@ class RemoteHarness:
             subprocess.Popen(self.restart_cmd, shell=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return None
 
-    def wait_workers(self, n: int, timeout: float) -> None:
+    def wait_workers(self, n: int, timeout: float, exclude: set[str] = frozenset()) -> None:
         from scheduler.workers import live_workers
 
         deadline = time.monotonic() + timeout
-        while len(live_workers(self.redis)) < n:
+        while len([w for w in live_workers(self.redis) if w.id not in exclude]) < n:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{n} workers not live after {timeout:.0f} s")
             time.sleep(0.5)
@@ -424,7 +424,8 @@ async def load_phase(client: Client, rate: float, args, console) -> dict:
         events["restart_t"] = clock()
         events["replacement_pid"] = await asyncio.to_thread(client.h.restart_worker)
         progress.update(task, phase="replacement starting")
-        await asyncio.to_thread(client.h.wait_workers, args.workers, args.timeout)
+        # the killed worker still counts as live until its lease lapses: count the others
+        await asyncio.to_thread(client.h.wait_workers, args.workers, args.timeout, {wid} - {None})
         events["replacement_live_t"] = clock()
         progress.update(task, phase=f"replacement live at {events['replacement_live_t']:.0f} s")
 
@@ -498,7 +499,7 @@ def build_report(args, capacity, rate, load, memory: MemorySampler, stored, stor
             samples = [x for x in samples if x[0] >= ev.get("replacement_live_t", math.inf) + args.warm_s]
         growth = memory_growth(samples, args.rss_tolerance_mb, args.rss_tolerance_pct)
         # redis keeps results by design (see the docstring); two samples are too few to judge
-        mem[name] = {**growth, "judged": not name.startswith("redis") and len(samples) >= 3}
+        mem[name] = {**growth, "judged": not name.startswith("redis") and len(samples) >= 3} if growth else {}
     used = memory.redis_used
     retained = len(stored_ids)
     redis_used = {"start_mb": used[0][1] / 2**20, "end_mb": used[-1][1] / 2**20,

@@ -240,6 +240,36 @@ def test_swap_prefers_an_idle_worker_over_a_busier_one():
     assert [a.worker_id for a in out] == ["w2"]
 
 
+def test_a_starving_backlog_waits_for_the_busy_worker_with_its_weights_instead_of_swapping_another():
+    # w1 (base) is full; w2 holds FULL_A with room. A base backlog starving for 40 s must not swap w2.
+    base_full = w("w1", max_inflight=8, inflight=8, inflight_models={LORA_A: 8})
+    on_a = w("w2", max_inflight=8, inflight=2, weights=FULL_A, inflight_models={FULL_A: 2})
+    starving_lora = QueueView(f"q:batch:{LORA_B}", LORA_B, "batch", 8, oldest_age_s=300.0, idle_s=40.0)
+    assert plan([starving_lora], [base_full, on_a], CFG) == []
+
+
+def test_a_backlog_may_swap_an_idle_worker_whose_weights_nobody_waits_for():
+    base_full = w("w1", max_inflight=8, inflight=8, inflight_models={LORA_A: 8})
+    idle_on_a = w("w2", max_inflight=8, weights=FULL_A)
+    backlog = QueueView(f"q:batch:{LORA_B}", LORA_B, "batch", 8, oldest_age_s=300.0, idle_s=5.0)
+    assert plan([backlog], [base_full, idle_on_a], CFG) == [Assignment(backlog.name, "w2", 8)]
+
+
+def test_a_waiting_realtime_finetune_does_not_take_the_last_worker_of_busier_weights():
+    # FULL_B has waited past swap_wait. w1, the only base worker, has room but 40 base requests are
+    # queued; w2 holds FULL_A (3 queued) and is full. Waiting for w2 strands less than swapping w1.
+    base_worker = w("w1", max_inflight=8, inflight=2, inflight_models={"base": 2})
+    on_a = w("w2", max_inflight=8, inflight=8, weights=FULL_A, inflight_models={FULL_A: 8})
+    queues = [q(FULL_B, length=1, age=5.0), q("base", qclass="batch", length=40, age=0.0),
+              q(FULL_A, qclass="batch", length=3, age=0.0)]
+    assert [a for a in plan(queues, [base_worker, on_a], CFG) if a.queue == queues[0].name] == []
+    # once FULL_A's queue is smaller than FULL_B's, w2 may be swapped (when it has room)
+    on_a_room = replace(on_a, inflight=4, inflight_models={FULL_A: 4})
+    queues[2] = q(FULL_A, qclass="batch", length=0, age=0.0)
+    out = by_queue(plan(queues, [base_worker, on_a_room], CFG))
+    assert out[queues[0].name].worker_id == "w2"
+
+
 @pytest.mark.parametrize("worker, others, queued, ok", [
     (w(weights=FULL_A), [], set(), True),  # nothing waits for its weights
     (w(weights=FULL_A), [], {FULL_A}, False),  # its weights have queued work and nobody else has them
