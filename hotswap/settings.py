@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     max_batch: int = Field(default=32, ge=1, description="Most requests of one model dispatched to a worker at once.")
     batch_window_ms: float = Field(default=50.0, ge=0, description="How long a batch-priority queue may wait to fill a batch.")
     realtime_window_ms: float = Field(default=0.0, ge=0, description="The same for real-time requests (0: dispatch at once).")
-    realtime_boost_s: float = Field(default=30.0, ge=0, description="Aging: a batch request this much older ranks with a new real-time one.")
+    realtime_boost_s: float = Field(default=30.0, ge=0, description="Aging: a batch queue unserved this long ranks with the real-time ones (batch work never starves).")
     affinity_wait_s: float = Field(default=0.5, ge=0, description="How long a queue waits for a busy worker holding its LoRA before another loads it.")
     swap_wait_s: float = Field(default=10.0, ge=0, description="How long a queue waits for a busy worker with its full weights before another swaps.")
     realtime_reserve: float = Field(default=0.25, ge=0, lt=1, description="Share of each worker that batch work leaves free.")
