@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,26 @@ def test_keda_example_scales_workers_to_zero_on_the_queue_length():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     # at least the drain time compose gives the worker
     assert pod["terminationGracePeriodSeconds"] >= _seconds(_raw()["services"]["worker"]["stop_grace_period"])
+
+
+def test_api_and_scheduler_run_where_torch_cannot_be_imported(tmp_path):
+    """The slim image has no torch, Triton nor transformers: the API app, the scheduler's dispatcher and
+    job runner, and the CLI must load and serve without them (a subprocess where importing them fails)."""
+    root = Path(__file__).resolve().parents[2]
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'triton', 'transformers', 'peft', 'worker'):\n"
+        "    sys.modules[name] = None  # import raises ImportError, as in the api image\n"
+        "from fastapi.testclient import TestClient\n"
+        "from api.app import create_app\n"
+        "from hotswap.settings import Settings\n"
+        "import scheduler.main, scheduler.dispatcher, scheduler.job_runner, scheduler.tasks, hotswap.cli\n"
+        f"settings = Settings(redis_url='redis://127.0.0.1:1/0', storage_url='file://{tmp_path}/s',\n"
+        f"                    data_dir='{tmp_path}/d', cache_dir='{tmp_path}/c')\n"
+        "with TestClient(create_app(settings), raise_server_exceptions=False) as client:\n"
+        "    assert client.get('/healthz').status_code == 200\n"
+        "    assert client.get('/openapi.json').status_code == 200\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
