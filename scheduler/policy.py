@@ -15,9 +15,9 @@ The dispatcher calls `plan` with a snapshot of the queues and the live workers. 
    waits for it until it has gone unserved `affinity_wait_s` (LoRA: another worker loads it in
    milliseconds) or `swap_wait_s` (full weights: another worker would have to swap), then goes on.
 4. Swaps are the expensive thing. A worker's full weights change only if no worker has (or is
-   committed to) the wanted ones. Batch work, starving or not, swaps only a worker with nothing
-   queued for its current weights (a backlog never pulls workers back and forth), and only an idle
-   one while another worker has the wanted weights. Real-time work swaps a spareable worker
+   committed to) the wanted ones. Batch work swaps only a worker with nothing queued for its
+   current weights (a starving queue: or whose weights another worker has too), so a backlog never
+   pulls workers back and forth, and only an idle one while another worker has the wanted weights. Real-time work swaps a spareable worker
    (nothing queued for its weights, or another worker has them too); once it has waited
    `swap_wait_s`, the worker whose weights the fewest queued requests need, if fewer than need its
    own (or the only worker there is): it never strands the last worker of busier weights.
@@ -155,26 +155,35 @@ def choose_worker(q: QueueView, workers: Sequence[WorkerView], queued_weights: M
     # Needs a swap.
     waited = q.since_served >= cfg.swap_wait_s
     holders = any(affinity(w, q.model_key, want) > 0 for w in staying)
-    if holders and q.qclass == "batch" and not any(w.inflight == 0 for w in with_room):
-        return None  # a backlog swaps only an idle worker while another has its weights
-    if holders and q.qclass != "batch" and not waited:
-        return None  # a worker with these weights will have room soon: cheaper than a swap
-    if q.qclass == "batch" and not starving(q, cfg):
-        # Batch work takes only a worker with nothing queued for its own weights: a backlog must
-        # not pull a worker back and forth between fine-tunes.
-        pool = [w for w in with_room if w.future_weights not in queued_weights and (not holders or w.inflight == 0)]
+    if q.qclass == "batch":
+        # A backlog swaps only a worker with nothing queued for its weights (a starving one: or
+        # whose weights another worker has too), so it never pulls workers back and forth between
+        # fine-tunes; and only an idle one while another worker has the wanted weights.
+        hunger = starving(q, cfg)
+        pool = [w for w in with_room if (spareable(w, staying, queued_weights) if hunger
+                                         else w.future_weights not in queued_weights)
+                and (not holders or w.inflight == 0)]
+        if not pool and hunger and waited and not holders:
+            pool = _least_needed(q, with_room, staying, queued_weights)
     else:
+        if holders and not waited:
+            return None  # a worker with these weights will have room soon: cheaper than a swap
         pool = [w for w in with_room if spareable(w, staying, queued_weights)]
         if not pool and waited:
-            # Take the worker whose weights the fewest queued requests need, if fewer need them than
-            # need ours (a swap must not strand more work than it serves), or the only worker there
-            # is (real-time comes before a backlog); otherwise wait for another to become spareable.
-            ours = queued_weights.get(want, 0)
-            fewer = [w for w in with_room if queued_weights.get(w.future_weights, 0) < ours or len(staying) == 1]
-            pool = [min(fewer, key=lambda w: (queued_weights.get(w.future_weights, 0), -w.free))] if fewer else []
+            pool = _least_needed(q, with_room, staying, queued_weights)
     if not pool:
         return None
     return max(pool, key=lambda w: (w.inflight == 0, room_for(w, q.qclass, cfg)))
+
+
+def _least_needed(q: QueueView, with_room: Sequence[WorkerView], staying: Sequence[WorkerView],
+                  queued_weights: Mapping[str, int]) -> list[WorkerView]:
+    """After the swap wait: the worker whose weights the fewest queued requests need, if fewer need
+    them than need ours (a swap must not strand more work than it serves), or the only worker there
+    is (real-time comes before a backlog); else none (wait for another to become spareable)."""
+    ours = queued_weights.get(q.weights, 0)
+    fewer = [w for w in with_room if queued_weights.get(w.future_weights, 0) < ours or len(staying) == 1]
+    return [min(fewer, key=lambda w: (queued_weights.get(w.future_weights, 0), -w.free))] if fewer else []
 
 
 def plan(queues: Sequence[QueueView], workers: Sequence[WorkerView], cfg: PolicyConfig) -> list[Assignment]:
