@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 
-from hotswap.metrics import MetricsBuffer
+from hotswap.metrics import MetricsBuffer, record_finished
 from scheduler import keys
 from scheduler.policy import PolicyConfig, QueueView, WorkerView, next_check_s, plan
 from scheduler.queues import Queues
@@ -57,7 +57,13 @@ class Dispatcher:
     def reap(self) -> dict:
         s = self.settings
         return reap(self.redis, self.queues, max_attempts=s.max_attempts, isolate_after=min(2, s.max_attempts),
-                    claim_timeout_s=s.claim_timeout_s)
+                    claim_timeout_s=s.claim_timeout_s, on_dead=self._record_dead)
+
+    def _record_dead(self, request_id: str) -> None:
+        """A dead-lettered request is an error of type dead_letter in /metrics, like any failed one."""
+        spec, result = self.queues.spec(request_id), self.queues.result(request_id)
+        if spec is not None and result is not None:
+            record_finished(self.metrics, result, spec.target.key, spec.priority)
 
     def tick(self) -> float:
         """One round; returns how long to wait before the next unless woken."""

@@ -64,6 +64,10 @@ class Queues:
         raw = self.redis.hgetall(keys.request(request_id))
         return {_text(k): _text(v) for k, v in raw.items() if _text(k) != "spec"}
 
+    def spec(self, request_id: str) -> GenerationRequest | None:
+        raw = self.redis.hget(keys.request(request_id), "spec")
+        return GenerationRequest.model_validate_json(raw) if raw else None
+
     def result(self, request_id: str) -> GenerationResult | None:
         raw = self.redis.hget(keys.request(request_id), "result")
         return GenerationResult.model_validate_json(raw) if raw else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from pydantic import BaseModel, Field
 
@@ -91,8 +92,10 @@ def live_workers(redis_client, base_model: str | None = None) -> list[WorkerInfo
     return out
 
 
-def reap(redis_client, queues: Queues, *, max_attempts: int, isolate_after: int, claim_timeout_s: float) -> dict:
-    """Requeue the work of workers whose lease lapsed, and dispatched requests nobody claimed."""
+def reap(redis_client, queues: Queues, *, max_attempts: int, isolate_after: int, claim_timeout_s: float,
+         on_dead: Callable[[str], None] | None = None) -> dict:
+    """Requeue the work of workers whose lease lapsed, and dispatched requests nobody claimed;
+    `on_dead(request_id)` is called for each request this dead-lettered."""
     counts = {"requeued": 0, "dead": 0, "cancelled": 0, "workers": 0}
     for raw_id in redis_client.hkeys(keys.WORKERS):
         wid = _text(raw_id)
@@ -102,6 +105,8 @@ def reap(redis_client, queues: Queues, *, max_attempts: int, isolate_after: int,
         for rid in queues.inflight(wid):
             outcome = queues.requeue(rid, wid, crashed=True, max_attempts=max_attempts, isolate_after=isolate_after)
             counts[outcome] = counts.get(outcome, 0) + 1
+            if outcome == "dead" and on_dead is not None:
+                on_dead(rid)
         queue = WorkerInfo.model_validate_json(info).queue if info else None
         redis_client.delete(keys.worker_inflight(wid), keys.worker_models(wid), keys.worker_cancels(wid),
                             keys.worker_isolated(wid), *([queue] if queue else []))

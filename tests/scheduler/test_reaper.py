@@ -221,3 +221,31 @@ def test_re_registering_after_a_lapse_does_not_strand_the_old_requests(redis_cli
     do_reap(redis_client, queues)
     assert queues.state(req.id)["state"] == "queued"
     assert queues.inflight("w1") == set()
+
+
+def test_a_dead_lettered_request_is_an_error_in_metrics(redis_client, queues, tmp_path):
+    from prometheus_client import generate_latest
+
+    from api.metrics import make_registry
+    from hotswap.settings import Settings
+    from scheduler.dispatcher import Dispatcher
+
+    seen: list[str] = []
+    heartbeat(redis_client, info(), SHORT, first=True)
+    req = assign(queues, "w1", model_key=LORA, claim=True)
+    lapse(redis_client, "w1")
+    reap(redis_client, queues, max_attempts=1, isolate_after=2, claim_timeout_s=60.0, on_dead=seen.append)
+    assert seen == [req.id]
+
+    # Through the dispatcher: counted as request_errors_total{type="dead_letter"} of its model.
+    heartbeat(redis_client, info("w2"), SHORT, first=True)
+    other = assign(queues, "w2", claim=True)
+    lapse(redis_client, "w2")
+    settings = Settings(max_attempts=1, cache_dir=tmp_path / "cache", data_dir=tmp_path / "data")
+    dispatcher = Dispatcher(redis_client, None, settings)
+    assert dispatcher.reap()["dead"] == 1
+    dispatcher.metrics.flush(redis_client)
+    text = generate_latest(make_registry(redis_client)).decode()
+    line = next(x for x in text.splitlines() if x.startswith("hotswap:request_errors_total{"))
+    assert 'type="dead_letter"' in line and 'model="base"' in line and 'priority="realtime"' in line
+    assert line.endswith(" 1.0") and queues.result(other.id).error["code"] == "dead_letter"
