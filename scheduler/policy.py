@@ -20,7 +20,8 @@ The dispatcher calls `plan` with a snapshot of the queues and the live workers. 
    pulls workers back and forth, and only an idle one while another worker has the wanted weights. Real-time work swaps a spareable worker
    (nothing queued for its weights, or another worker has them too); once it has waited
    `swap_wait_s`, the worker whose weights the fewest queued requests need, if fewer than need its
-   own (or the only worker there is): it never strands the last worker of busier weights.
+   own (or the only worker there is), so it does not strand the last worker of busier weights; past
+   `realtime_boost_s` that worker in any case (a real-time wait stays bounded).
 5. Real-time room. Batch work leaves `realtime_reserve` of each worker free for real-time arrivals.
 
 Ages: `oldest_age_s` is how long the queue's oldest request has waited (batching windows);
@@ -170,19 +171,23 @@ def choose_worker(q: QueueView, workers: Sequence[WorkerView], queued_weights: M
             return None  # a worker with these weights will have room soon: cheaper than a swap
         pool = [w for w in with_room if spareable(w, staying, queued_weights)]
         if not pool and waited:
-            pool = _least_needed(q, with_room, staying, queued_weights)
+            # bounded: past realtime_boost_s a real-time request takes the least-needed worker anyway
+            pool = _least_needed(q, with_room, staying, queued_weights,
+                                 force=q.since_served >= cfg.realtime_boost_s)
     if not pool:
         return None
     return max(pool, key=lambda w: (w.inflight == 0, room_for(w, q.qclass, cfg)))
 
 
 def _least_needed(q: QueueView, with_room: Sequence[WorkerView], staying: Sequence[WorkerView],
-                  queued_weights: Mapping[str, int]) -> list[WorkerView]:
+                  queued_weights: Mapping[str, int], force: bool = False) -> list[WorkerView]:
     """After the swap wait: the worker whose weights the fewest queued requests need, if fewer need
     them than need ours (a swap must not strand more work than it serves), or the only worker there
-    is (real-time comes before a backlog); else none (wait for another to become spareable)."""
+    is (real-time comes before a backlog), or in any case with `force`; else none (wait for another
+    to become spareable)."""
     ours = queued_weights.get(q.weights, 0)
-    fewer = [w for w in with_room if queued_weights.get(w.future_weights, 0) < ours or len(staying) == 1]
+    fewer = [w for w in with_room
+             if force or len(staying) == 1 or queued_weights.get(w.future_weights, 0) < ours]
     return [min(fewer, key=lambda w: (queued_weights.get(w.future_weights, 0), -w.free))] if fewer else []
 
 

@@ -263,6 +263,10 @@ def test_a_waiting_realtime_finetune_does_not_take_the_last_worker_of_busier_wei
     queues = [q(FULL_B, length=1, age=5.0), q("base", qclass="batch", length=40, age=0.0),
               q(FULL_A, qclass="batch", length=3, age=0.0)]
     assert [a for a in plan(queues, [base_worker, on_a], CFG) if a.queue == queues[0].name] == []
+    # past realtime_boost_s the real-time request takes the least-needed worker with room anyway
+    waited_long = q(FULL_B, length=1, age=31.0)
+    assert [a.worker_id for a in plan([waited_long, *queues[1:]], [base_worker, on_a], CFG)
+            if a.queue == waited_long.name] == ["w1"]
     # once FULL_A's queue is smaller than FULL_B's, w2 may be swapped (when it has room)
     on_a_room = replace(on_a, inflight=4, inflight_models={FULL_A: 4})
     queues[2] = q(FULL_A, qclass="batch", length=0, age=0.0)
