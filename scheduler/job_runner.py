@@ -40,8 +40,7 @@ from scheduler import keys, lua
 from scheduler.job_lines import validate_lines
 from scheduler.job_output import classify, expired_line, iter_redis_list, unrun_line, write_result_file
 from scheduler.job_prepared import ChunkWriter, PreparedReader, ServedUnavailable, load_base, served_model
-from scheduler.jobs import (ACTIVE, PREPARED_CHUNK, RUNNER_LOCK, TERMINAL, JobNotFound, JobRecord, JobStore, LockLost,
-                            job_errors, job_open, job_output, job_prefix, update)
+from scheduler.jobs import PREPARED_CHUNK, TERMINAL, JobNotFound, JobRecord, JobStore, LockLost, job_prefix, update
 from scheduler.prepare import ServedModel
 from scheduler.queues import Queues, enqueue_args
 
@@ -112,7 +111,7 @@ class JobRunner:
             self.prepared.forget()
             self._cancel_sent.clear()
             return 0
-        members = [_text(m) for m in self.redis.zrange(ACTIVE, 0, -1)]
+        members = [_text(m) for m in self.redis.zrange(keys.JOBS_ACTIVE, 0, -1)]
         for member in members:
             tenant, _, batch_id = member.partition("/")
             try:
@@ -125,18 +124,18 @@ class JobRunner:
 
     def acquire(self) -> bool:
         ms = int(LEASE_S * 1000)
-        return bool(self.redis.set(RUNNER_LOCK, self.id, nx=True, px=ms) or self._renew(keys=[RUNNER_LOCK],
-                                                                                          args=[self.id, ms]))
+        return bool(self.redis.set(keys.JOBS_RUNNER, self.id, nx=True, px=ms)
+                    or self._renew(keys=[keys.JOBS_RUNNER], args=[self.id, ms]))
 
     def release(self) -> None:
-        self._release(keys=[RUNNER_LOCK], args=[self.id])
+        self._release(keys=[keys.JOBS_RUNNER], args=[self.id])
 
     def _keep_lease(self, _n: int = 0) -> None:
         if not self.acquire():
             raise LockLost(f"runner {self.id} lost its lease")
 
     def _update(self, record: JobRecord, change) -> JobRecord:
-        return update(self.redis, record.tenant, record.id, change, lock=(RUNNER_LOCK, self.id))
+        return update(self.redis, record.tenant, record.id, change, lock=(keys.JOBS_RUNNER, self.id))
 
     # -- one job ----------------------------------------------------------------------------------
 
@@ -144,10 +143,10 @@ class JobRunner:
         try:
             record = self.jobs.get(tenant, batch_id)
         except JobNotFound:
-            self.redis.zrem(ACTIVE, f"{tenant}/{batch_id}")
+            self.redis.zrem(keys.JOBS_ACTIVE, f"{tenant}/{batch_id}")
             return None
         if record.status in TERMINAL:
-            self.redis.zrem(ACTIVE, record.member)
+            self.redis.zrem(keys.JOBS_ACTIVE, record.member)
             return record
         now = time.time()
         if record.status == "validating":
@@ -179,7 +178,7 @@ class JobRunner:
         if record.status != "in_progress" or record.fed < record.prepared:
             return False
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.scard(job_open(record.id))
+            pipe.scard(keys.job_open(record.id))
             pipe.llen(keys.job_finished(record.id))
             open_, finished = pipe.execute()
         return open_ == 0 and finished == 0
@@ -230,7 +229,7 @@ class JobRunner:
             if r.status != "validating":
                 return None  # cancelled meanwhile: _finish cleans up
             for i in range(0, len(result.refused), 1000):
-                pipe.rpush(job_errors(r.id), *result.refused[i:i + 1000])
+                pipe.rpush(keys.job_errors(r.id), *result.refused[i:i + 1000])
             return r.model_copy(update={"status": "in_progress", "in_progress_at": int(time.time()),
                                         "total": result.total, "failed": len(result.refused),
                                         "prepared": result.prepared, "fed": 0,
@@ -246,7 +245,7 @@ class JobRunner:
         def change(r: JobRecord, pipe):
             if r.status != "validating":
                 return None
-            pipe.zrem(ACTIVE, r.member)
+            pipe.zrem(keys.JOBS_ACTIVE, r.member)
             return r.model_copy(update={"status": "failed", "failed_at": int(time.time()), "errors": errors})
 
         new = self._update(record, change)
@@ -258,7 +257,7 @@ class JobRunner:
     def _feed(self, record: JobRecord) -> JobRecord:
         if record.status != "in_progress" or record.fed >= record.prepared:
             return record
-        room = self.settings.batch_feed_window - self.redis.scard(job_open(record.id))
+        room = self.settings.batch_feed_window - self.redis.scard(keys.job_open(record.id))
         if room <= 0:
             return record
         now = time.time()  # queue age counts from feeding, not from validation
@@ -269,7 +268,7 @@ class JobRunner:
                 return None
             for req in requests:
                 self._enqueue(args=enqueue_args(req, 0, 0), client=pipe)  # no cap: the window is the cap
-            pipe.sadd(job_open(r.id), *[req.id for req in requests])
+            pipe.sadd(keys.job_open(r.id), *[req.id for req in requests])
             return r.model_copy(update={"fed": r.fed + len(requests)})
 
         return self._update(record, change)
@@ -282,7 +281,7 @@ class JobRunner:
         with self.redis.pipeline(transaction=False) as pipe:
             for rid in ids:
                 pipe.hmget(keys.request(rid), "spec", "result")
-            pipe.smismember(job_open(record.id), ids)
+            pipe.smismember(keys.job_open(record.id), ids)
             *rows, members = pipe.execute()
         lines: dict[str, list[str]] = {"output": [], "errors": []}
         counts = {"completed": 0, "failed": 0, "input_tokens": 0, "output_tokens": 0}
@@ -310,12 +309,12 @@ class JobRunner:
             if r.status != record.status or r.ending != record.ending:
                 return None  # cancelled meanwhile: classify again next round
             if lines["output"]:
-                pipe.rpush(job_output(r.id), *lines["output"])
+                pipe.rpush(keys.job_output(r.id), *lines["output"])
             if lines["errors"]:
-                pipe.rpush(job_errors(r.id), *lines["errors"])
+                pipe.rpush(keys.job_errors(r.id), *lines["errors"])
             pipe.ltrim(finished, len(ids), -1)
             if collected:
-                pipe.srem(job_open(r.id), *collected)
+                pipe.srem(keys.job_open(r.id), *collected)
             return r.model_copy(update={k: getattr(r, k) + v for k, v in counts.items()})
 
         return self._update(record, change)
@@ -327,20 +326,20 @@ class JobRunner:
         completes), then write the files and end the job."""
         ending = record.ending or ("cancelled" if record.status == "cancelling" else "completed")
         if ending != "completed" and record.id not in self._cancel_sent:
-            for rid in self.redis.smembers(job_open(record.id)):
+            for rid in self.redis.smembers(keys.job_open(record.id)):
                 self.queues.cancel(_text(rid))
             self._cancel_sent.add(record.id)
         record = self._collect(record)
-        if self.redis.scard(job_open(record.id)) or self.redis.llen(keys.job_finished(record.id)):
+        if self.redis.scard(keys.job_open(record.id)) or self.redis.llen(keys.job_finished(record.id)):
             return record  # cancelled requests that were running finish soon; collect them first
 
         unfed = record.prepared - record.fed if ending == "expired" else 0
         output_file_id = error_file_id = None
-        if self.redis.llen(job_output(record.id)):
+        if self.redis.llen(keys.job_output(record.id)):
             output_file_id = write_result_file(self.files, record.tenant, f"{record.id}_output.jsonl",
-                                               iter_redis_list(self.redis, job_output(record.id)))
-        if self.redis.llen(job_errors(record.id)) or unfed:
-            lines = _chain(iter_redis_list(self.redis, job_errors(record.id)), self._unfed_lines(record, unfed))
+                                               iter_redis_list(self.redis, keys.job_output(record.id)))
+        if self.redis.llen(keys.job_errors(record.id)) or unfed:
+            lines = _chain(iter_redis_list(self.redis, keys.job_errors(record.id)), self._unfed_lines(record, unfed))
             error_file_id = write_result_file(self.files, record.tenant, f"{record.id}_error.jsonl", lines)
         self.store.delete_prefix(job_prefix(record.tenant, record.id))
         self.prepared.forget(record.id)
@@ -348,8 +347,8 @@ class JobRunner:
         def change(r: JobRecord, pipe):
             if r.status != record.status:
                 return None
-            pipe.zrem(ACTIVE, r.member)
-            pipe.delete(job_open(r.id), job_output(r.id), job_errors(r.id), keys.job_finished(r.id))
+            pipe.zrem(keys.JOBS_ACTIVE, r.member)
+            pipe.delete(keys.job_open(r.id), keys.job_output(r.id), keys.job_errors(r.id), keys.job_finished(r.id))
             return r.model_copy(update={"status": ending, f"{ending}_at": int(time.time()), "failed": r.failed + unfed,
                                         "output_file_id": output_file_id, "error_file_id": error_file_id})
 

@@ -6,13 +6,7 @@ pass validation), cancelled (cancelling first) or expired. The API creates and c
 scheduler`. Every change of a record is a check-and-set (WATCH + MULTI), so the API's cancel and
 the runner's progress never overwrite each other.
 
-    hotswap:jobs:{tenant}          HASH  batch id -> JobRecord JSON (one tenant's jobs: isolation by key)
-    hotswap:jobs:active            ZSET  "tenant/batch id" of unfinished jobs, by creation time
-    hotswap:jobs:runner            STRING id of the runner that works on jobs now (a lease; one at a time)
-    hotswap:job:{batch}:open       SET   ids of the job's requests fed to the queues, not yet collected
-    hotswap:job:{batch}:finished   LIST  ids of its finished requests (RPUSHed once each, by the queues)
-    hotswap:job:{batch}:output     LIST  output.jsonl lines collected so far
-    hotswap:job:{batch}:errors     LIST  errors.jsonl lines collected so far
+    Redis: the job keys in scheduler/keys.py (hotswap:jobs:*, hotswap:job:{batch}:*)
     tenants/{tenant}/batches/{batch}/prepared/{k:06d}.jsonl
                                    (object storage) the validated requests, GenerationRequest JSON
                                    one a line, PREPARED_CHUNK lines an object; fed from a cursor
@@ -55,32 +49,14 @@ from pydantic import BaseModel
 
 from scheduler import keys
 
-__all__ = ["ACTIVE", "ENDPOINTS", "JobNotFound", "JobRecord", "JobStateError", "JobStore", "TERMINAL",
+__all__ = ["ENDPOINTS", "JobNotFound", "JobRecord", "JobStateError", "JobStore", "TERMINAL",
            "PREPARED_CHUNK", "job_prefix", "new_batch_id", "prepared_key"]
 
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 TERMINAL = ("failed", "completed", "expired", "cancelled")
 MAX_METADATA = 16
-ACTIVE = keys.PREFIX + "jobs:active"
-RUNNER_LOCK = keys.PREFIX + "jobs:runner"
 
 Status = Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"]
-
-
-def jobs_key(tenant: str) -> str:
-    return f"{keys.PREFIX}jobs:{tenant}"
-
-
-def job_open(batch_id: str) -> str:
-    return f"{keys.PREFIX}job:{batch_id}:open"
-
-
-def job_output(batch_id: str) -> str:
-    return f"{keys.PREFIX}job:{batch_id}:output"
-
-
-def job_errors(batch_id: str) -> str:
-    return f"{keys.PREFIX}job:{batch_id}:errors"
 
 
 PREPARED_CHUNK = 1000  # validated requests per prepared object
@@ -194,16 +170,16 @@ class JobStore:
         self.window_s = window_s
 
     def get(self, tenant: str, batch_id: str) -> JobRecord:
-        raw = self.redis.hget(jobs_key(tenant), batch_id) if batch_id.startswith("batch_") else None
+        raw = self.redis.hget(keys.job_records(tenant), batch_id) if batch_id.startswith("batch_") else None
         if raw is None:
             raise JobNotFound(f"No such Batch object: {batch_id}")
         return JobRecord.model_validate_json(raw)
 
     def list(self, tenant: str, limit: int = 20, after: str | None = None) -> list[JobRecord]:
         """Newest first; `after` (an id) starts just past that job."""
-        ids = sorted((_text(i) for i in self.redis.hkeys(jobs_key(tenant))), reverse=True)
+        ids = sorted((_text(i) for i in self.redis.hkeys(keys.job_records(tenant))), reverse=True)
         ids = [i for i in ids if after is None or i < after][:max(limit, 0)]
-        raws = self.redis.hmget(jobs_key(tenant), ids) if ids else []
+        raws = self.redis.hmget(keys.job_records(tenant), ids) if ids else []
         return [JobRecord.model_validate_json(r) for r in raws if r is not None]
 
     def create(self, tenant: str, input_file_id: str, endpoint: str, metadata: dict | None = None,
@@ -216,8 +192,8 @@ class JobStore:
         record = JobRecord(id=new_batch_id(now_us), tenant=tenant, endpoint=endpoint, input_file_id=input_file_id,
                            created_at=created, expires_at=int(created + window), metadata=check_metadata(metadata))
         with self.redis.pipeline() as pipe:
-            pipe.hset(jobs_key(tenant), record.id, record.model_dump_json())
-            pipe.zadd(ACTIVE, {record.member: now_us / 1e6})
+            pipe.hset(keys.job_records(tenant), record.id, record.model_dump_json())
+            pipe.zadd(keys.JOBS_ACTIVE, {record.member: now_us / 1e6})
             pipe.execute()
         return record
 
@@ -242,7 +218,7 @@ def update(redis_client, tenant: str, batch_id: str, change, *, lock: tuple[str,
     commands on `pipe`, which is in MULTI by then) or None to leave it as it is. With `lock`
     (key, owner), nothing is written unless `owner` still holds the lease (a runner that stalled
     past its lease cannot overwrite what its successor did). Raises JobNotFound, or LockLost."""
-    hash_key = jobs_key(tenant)
+    hash_key = keys.job_records(tenant)
     with redis_client.pipeline() as pipe:
         for _ in range(retries):
             try:

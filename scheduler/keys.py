@@ -18,7 +18,13 @@
     hotswap:assigned              ZSET   ids dispatched but not yet claimed, by dispatch time
     hotswap:dead                  ZSET   dead-lettered ids, by time
     hotswap:wake                  LIST   nudges the dispatcher when work or room appears
-    hotswap:job:{batch}:finished  LIST   ids of a batch job's finished requests (jobs.py reads it)
+    hotswap:jobs:{tenant}         HASH   batch id -> JobRecord JSON (one tenant's jobs: isolation by key)
+    hotswap:jobs:active           ZSET   "tenant/batch id" of unfinished jobs, by creation time
+    hotswap:jobs:runner           STRING id of the runner that works on jobs now (a lease; one at a time)
+    hotswap:job:{batch}:open      SET    ids of the job's requests fed to the queues, not yet collected
+    hotswap:job:{batch}:finished  LIST   ids of its finished requests (RPUSHed once each, by the queues)
+    hotswap:job:{batch}:output    LIST   output.jsonl lines collected so far
+    hotswap:job:{batch}:errors    LIST   errors.jsonl lines collected so far
 
 qclass is "realtime", "batch", or "suspect" (a request whose runs crashed a worker more than once
 is run alone, so the next crash is blamed on it and not on its neighbours).
@@ -33,6 +39,8 @@ WORKERS = PREFIX + "workers"
 ASSIGNED = PREFIX + "assigned"
 DEAD = PREFIX + "dead"
 WAKE = PREFIX + "wake"
+JOBS_ACTIVE = PREFIX + "jobs:active"
+JOBS_RUNNER = PREFIX + "jobs:runner"
 
 
 def request(request_id: str) -> str:
@@ -81,8 +89,24 @@ def worker_isolated(worker_id: str) -> str:
     return f"{PREFIX}w:{worker_id}:isolated"
 
 
+def job_records(tenant: str) -> str:
+    return f"{PREFIX}jobs:{tenant}"
+
+
+def job_open(batch_id: str) -> str:
+    return f"{PREFIX}job:{batch_id}:open"
+
+
 def job_finished(batch_id: str) -> str:
     return f"{PREFIX}job:{batch_id}:finished"
+
+
+def job_output(batch_id: str) -> str:
+    return f"{PREFIX}job:{batch_id}:output"
+
+
+def job_errors(batch_id: str) -> str:
+    return f"{PREFIX}job:{batch_id}:errors"
 
 
 def celery_queue(base_model: str, worker_id: str) -> str:

@@ -15,7 +15,7 @@ import pytest
 from hotswap.protocol import GenerationResult
 from scheduler import keys
 from scheduler.job_runner import JobRunner
-from scheduler.jobs import ACTIVE, RUNNER_LOCK, JobStateError, JobStore, job_open
+from scheduler.jobs import JobStateError, JobStore
 from scheduler.prepare import ServedModel
 from scheduler.queues import Queues
 
@@ -159,8 +159,8 @@ def test_lines_run_at_batch_priority_and_results_join_by_custom_id(env):
     assert errors[0]["error"]["code"] == "model_not_found"
     assert env.files.get("acme", done.output_file_id).purpose == "batch_output"
     # Nothing of the job is left behind in Redis or storage.
-    assert env.redis.zcard(ACTIVE) == 0
-    assert not env.redis.exists(job_open(job.id), keys.job_finished(job.id))
+    assert env.redis.zcard(keys.JOBS_ACTIVE) == 0
+    assert not env.redis.exists(keys.job_open(job.id), keys.job_finished(job.id))
     assert not env.store.list(f"tenants/acme/batches/{job.id}/")
 
 
@@ -179,7 +179,7 @@ def test_feeding_keeps_at_most_the_window_queued(env):
     runner = env.runner()
     queues = Queues(env.redis)
     runner.tick()
-    assert queues.waiting("batch") == 5 and env.redis.scard(job_open(job.id)) == 5
+    assert queues.waiting("batch") == 5 and env.redis.scard(keys.job_open(job.id)) == 5
     seen = []
     for _ in range(100):
         runner.tick()
@@ -201,14 +201,14 @@ def test_a_restarted_runner_resumes_and_writes_nothing_twice(env):
     env.worker.run(3)
     # The runner dies (kill -9) with 3 results uncollected: its lease lapses, and a new process with
     # a clean memory takes over where the records say the job is.
-    env.redis.delete(RUNNER_LOCK)
+    env.redis.delete(keys.JOBS_RUNNER)
     second = env.runner("r2")
     assert second.tick() == 1
     record = env.jobs.get("acme", job.id)
     assert (record.completed, record.fed) == (3, 8)
     assert first.tick() == 0  # the old one, were it only stalled, cannot work any more
     # A finished id pushed twice (a replayed message) and an id of no open request are not written.
-    some = next(iter(env.redis.smembers(job_open(job.id)))).decode()
+    some = next(iter(env.redis.smembers(keys.job_open(job.id)))).decode()
     env.worker.run()
     env.redis.rpush(keys.job_finished(job.id), some, "req_not_of_this_job")
     done = run_to_end(env, second, job)
@@ -224,7 +224,7 @@ def test_a_stalled_runner_cannot_write_after_its_lease_moved(env):
     first = env.runner("r1")
     first.tick()
     env.worker.run()
-    env.redis.set(RUNNER_LOCK, "r2")  # r1 stalled past its lease; r2 took over
+    env.redis.set(keys.JOBS_RUNNER, "r2")  # r1 stalled past its lease; r2 took over
     with pytest.raises(LockLost):
         first.step("acme", job.id)
     assert env.jobs.get("acme", job.id).completed == 0  # nothing written: r2 will collect it
@@ -323,7 +323,7 @@ def test_a_bad_file_fails_the_batch_with_errors_per_line(env):
     assert errors["object"] == "list"
     assert [(e["line"], e["code"]) for e in errors["data"]] == [(2, "invalid_json_line"), (3, "duplicate_custom_id"),
                                                                  (4, "invalid_method")]
-    assert Queues(env.redis).waiting("batch") == 0 and env.redis.zcard(ACTIVE) == 0
+    assert Queues(env.redis).waiting("batch") == 0 and env.redis.zcard(keys.JOBS_ACTIVE) == 0
     assert done.to_openai()["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
 
 
@@ -353,7 +353,7 @@ def test_the_runner_thread_runs_a_job_to_the_end(env):
         runner.stop()
         thread.join(timeout=10)
     assert env.jobs.get("acme", job.id).status == "completed"
-    assert not env.redis.exists(RUNNER_LOCK)  # released on stop
+    assert not env.redis.exists(keys.JOBS_RUNNER)  # released on stop
 
 
 def test_prepared_requests_read_back_from_any_position_across_chunks(env):
@@ -391,7 +391,7 @@ def test_a_large_job_is_fed_gradually_and_does_not_starve_a_small_one(env):
     runner.tick()
     queues = Queues(env.redis)
     assert queues.waiting("batch") == 1000 + 3  # the window of the big job, all of the small one
-    assert env.redis.scard(job_open(big.id)) == 1000 and env.redis.scard(job_open(small.id)) == 3
+    assert env.redis.scard(keys.job_open(big.id)) == 1000 and env.redis.scard(keys.job_open(small.id)) == 3
     for _ in range(50):
         runner.tick()
         env.worker.run()
