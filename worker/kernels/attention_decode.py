@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from worker.kernels._dispatch import cdiv, check_attention, jit, next_pow2, tl, use_triton
 
@@ -47,8 +48,9 @@ def paged_decode_attention_reference(
     if max_ctx == 0:
         return torch.zeros_like(q)
 
-    # One row gather per K and V (index_select of whole [KVH, D] slots), then one transpose copy
-    # into [S, KVH, T, D] so both matmuls run on contiguous batches: the fewest copies on CPU.
+    # One row gather per K and V (index_select of whole [KVH, D] slots) into [S, T, KVH, D]; SDPA
+    # reads the [S, KVH, T, D] transpose through its strides and fuses scores, mask and softmax,
+    # so no transposed copy and no [S, H, T] score tensor is made (on CPU ~4x the matmul version).
     # Positions past a sequence's end read its own first token, which is always written (finite),
     # and are masked out of the softmax, so junk or NaN in unused slots never leaks in.
     ctx = context_lens.to(device=q.device, dtype=torch.long)
@@ -59,17 +61,16 @@ def paged_decode_attention_reference(
     blocks = torch.where((ctx == 0)[:, None], 0, blocks)  # an empty context's table may hold anything
     slots = (blocks * block_size + torch.where(pad, 0, pos[None, :] % block_size)).flatten()  # [S*T]
 
-    def gather(cache: torch.Tensor) -> torch.Tensor:  # -> [S, KVH, T, D] float32
-        rows = cache.view(-1, num_kv_heads, head_dim).index_select(0, slots)  # [S*T, KVH, D]
-        return rows.view(num_seqs, max_ctx, num_kv_heads, head_dim).transpose(1, 2).float().contiguous()
+    def gather(cache: torch.Tensor) -> torch.Tensor:  # -> [S, KVH, T, D] float32 (a strided view)
+        rows = cache.view(-1, num_kv_heads * head_dim).index_select(0, slots)  # [S*T, KVH*D]
+        return rows.float().view(num_seqs, max_ctx, num_kv_heads, head_dim).transpose(1, 2)
 
-    k, v = gather(k_cache), gather(v_cache)
+    # A kv head's GQA group of query heads rides as its "query rows", so each K/V row is read once.
     qf = q.float().reshape(num_seqs, num_kv_heads, group, head_dim)  # [S, KVH, G, D]
-    scores = torch.matmul(qf, k.transpose(-1, -2)).mul_(scale)  # [S, KVH, G, T]
-    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
-    out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [S, KVH, G, D]
+    visible = ~pad[:, None, None, :]  # [S, 1, 1, T]; True = attend
+    out = F.scaled_dot_product_attention(qf, gather(k_cache), gather(v_cache), attn_mask=visible, scale=scale)
     if bool((ctx == 0).any()):
-        out[ctx == 0] = 0.0  # empty contexts: all -inf -> nan; defined as zeros
+        out[ctx == 0] = 0.0  # empty contexts: nothing visible -> nan; defined as zeros
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 

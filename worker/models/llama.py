@@ -12,6 +12,7 @@ from torch import nn
 
 from worker.models.attention import AttentionMetadata, paged_attention
 from worker.models.config import ModelConfig
+from worker.models.cpu_linear import PackedWeight
 from worker.models.rope import RotaryEmbedding
 
 
@@ -36,9 +37,10 @@ class LinearSlot(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.lora = None  # callable(x, out) -> None adding LoRA deltas in place, or None
+        self.packed = PackedWeight()  # decode-sized batches on CPU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = self.packed.linear(x, self.weight, self.bias)
         if self.lora is not None:
             self.lora(x, out)
         return out
@@ -102,6 +104,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = None  # logits use embed_tokens.weight
         else:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head_packed = PackedWeight()
 
     def forward(
         self,
@@ -118,4 +121,4 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [n, hidden] -> [n, vocab] in fp32 (sampling wants full precision)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return self.lm_head_packed.linear(hidden, weight).float()
