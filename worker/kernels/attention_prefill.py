@@ -27,18 +27,6 @@ def _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens):
     return block_size, num_kv_heads, group
 
 
-def _expand_kv(x: torch.Tensor, group: int) -> torch.Tensor:
-    """[ctx, KVH, D] -> [KVH * group, ctx, D], kv head j serving query heads j*group..(j+1)*group-1.
-
-    An explicit copy: on CPU SDPA runs ~10% faster this way than with enable_gqa=True.
-    """
-    x = x.transpose(0, 1)  # [KVH, ctx, D]
-    if group == 1:
-        return x
-    kvh, ctx, d = x.shape
-    return x[:, None].expand(kvh, group, ctx, d).reshape(kvh * group, ctx, d)
-
-
 def paged_prefill_attention_reference(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float,
@@ -50,6 +38,7 @@ def paged_prefill_attention_reference(
     if cu[0] != 0 or cu[-1] != q.shape[0]:
         raise ValueError(f"cu_seqlens_q must run from 0 to num_tokens ({q.shape[0]}), got {cu[0]}..{cu[-1]}")
     out = torch.empty_like(q)  # [num_tokens, num_heads, head_dim]
+    gqa = group > 1
     for s, ctx in enumerate(ctx_lens):
         start, end = cu[s], cu[s + 1]
         q_len = end - start
@@ -63,15 +52,17 @@ def paged_prefill_attention_reference(
         pages = block_tables[s, :num_pages].to(device=q.device, dtype=torch.long)
         k = k_cache.index_select(0, pages).flatten(0, 1)[:ctx]  # [ctx, KVH, D]
         v = v_cache.index_select(0, pages).flatten(0, 1)[:ctx]  # [ctx, KVH, D]
-        qs = q[start:end].float().transpose(0, 1)  # [H, q_len, D]
-        ks, vs = _expand_kv(k.float(), group), _expand_kv(v.float(), group)  # [H, ctx, D]
+        # 4-D [1, heads, len, D]: CPU SDPA runs its fused flash kernel only on 4-D inputs.
+        qs = q[start:end].float().transpose(0, 1)[None]  # [1, H, q_len, D]
+        ks, vs = k.float().transpose(0, 1)[None], v.float().transpose(0, 1)[None]  # [1, KVH, ctx, D]
         if q_len == ctx:  # no prefix: plain causal, no mask materialized
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=q_len > 1, scale=scale)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=q_len > 1, scale=scale, enable_gqa=gqa)
         elif q_len == 1:  # the last position sees everything
-            o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
+            o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=gqa)
         else:  # causal, shifted by the cached prefix length
             mask = torch.ones(q_len, ctx, dtype=torch.bool, device=q.device).tril(ctx - q_len)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        o = o[0]  # [H, q_len, D]
         out[start:end] = o.transpose(0, 1).to(q.dtype)
     return out
 
