@@ -70,6 +70,7 @@ class LLMEngine:
         self.dtype = config.torch_dtype(self.device)
         model_dir = Path(config.model)
         self.model = load_model(model_dir, self.dtype, self.device)
+        self.model.prepack()
         self.model_config = self.model.config
         self.tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").exists() else None
         self._base_config_raw = json.loads((model_dir / "config.json").read_text())
@@ -233,6 +234,7 @@ class LLMEngine:
         if self.batcher.needs_swap():
             target = self.batcher.waiting[0].finetune
             self._swapper.swap_to(target)
+            self.model.prepack()
             self.batcher.current_finetune = target
         plan = self.batcher.plan()
         if not plan:

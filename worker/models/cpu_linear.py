@@ -35,25 +35,27 @@ class PackedWeight:
         self._packed: torch.Tensor | None = None
         self._version = -1
 
+    def prepare(self, weight: torch.Tensor) -> None:
+        """Pack now (at load, after a swap) instead of inside the next decode step; no-op off CPU fp32."""
+        if self._usable(weight, weight) and (self._packed is None or self._version != weight._version):
+            self._packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), PACK_ROWS)
+            self._version = weight._version
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # x: [rows, in], weight: [out, in] -> [rows, out]
         rows = x.shape[0]
-        if not self._applies(x, weight, rows):
+        if not (MIN_PACKED_ROWS <= rows <= PACK_ROWS and x.dim() == 2 and self._usable(x, weight)):
             return F.linear(x, weight, bias)
-        if self._packed is None or self._version != weight._version:
-            self._packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), PACK_ROWS)
-            self._version = weight._version
+        self.prepare(weight)
         if rows < PACK_ROWS:
             x = F.pad(x, (0, 0, 0, PACK_ROWS - rows))  # [PACK_ROWS, in]
         out = torch.ops.mkl._mkl_linear(x.contiguous(), self._packed, weight, bias, PACK_ROWS)
         return out[:rows]
 
     @staticmethod
-    def _applies(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
+    def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return (
-            MIN_PACKED_ROWS <= rows <= PACK_ROWS
-            and x.dim() == 2
-            and weight.device.type == "cpu"
+            weight.device.type == "cpu"
             and weight.dtype == torch.float32
             and x.dtype == torch.float32
             and mkl_packing_available()

@@ -118,6 +118,13 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, positions, self.rotary, kv_cache, meta)
         return self.norm(x)
 
+    def prepack(self) -> None:
+        """Pack the CPU weights for decode-sized batches now rather than in the first decode step."""
+        for module in self.modules():
+            if isinstance(module, LinearSlot):
+                module.packed.prepare(module.weight)
+        self.lm_head_packed.prepare(self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [n, hidden] -> [n, vocab] in fp32 (sampling wants full precision)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
