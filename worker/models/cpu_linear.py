@@ -7,9 +7,9 @@ into MKL's own layout. So each CPU fp32 weight keeps a second copy packed for 16
 of 4..16 rows is zero-padded to 16 and runs packed (rows never mix, so the padding changes no
 result). Smaller batches, bigger ones (prefill chunks) and every GPU tensor take the plain GEMM.
 
-The packed copy follows the weight by its version counter: a full fine-tune copied in place, or
-any other in-place write, repacks on the next use. It costs one more copy of the weights in host
-memory.
+The packed copy follows the weight by its version counter (`Tensor._version`, bumped by every
+in-place write): a full fine-tune copied in place repacks at the engine's next `prepack()` or on
+next use, never runs with stale weights. It costs one more copy of the weights in host memory.
 """
 
 from __future__ import annotations
@@ -37,14 +37,15 @@ class PackedWeight:
 
     def prepare(self, weight: torch.Tensor) -> None:
         """Pack now (at load, after a swap) instead of inside the next decode step; no-op off CPU fp32."""
-        if self._usable(weight, weight) and (self._packed is None or self._version != weight._version):
+        if self._usable(weight) and (self._packed is None or self._version != weight._version):
             self._packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), PACK_ROWS)
             self._version = weight._version
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # x: [rows, in], weight: [out, in] -> [rows, out]
         rows = x.shape[0]
-        if not (MIN_PACKED_ROWS <= rows <= PACK_ROWS and x.dim() == 2 and self._usable(x, weight)):
+        if not (MIN_PACKED_ROWS <= rows <= PACK_ROWS and x.dim() == 2 and x.dtype == weight.dtype
+                and self._usable(weight)):
             return F.linear(x, weight, bias)
         self.prepare(weight)
         if rows < PACK_ROWS:
@@ -53,10 +54,5 @@ class PackedWeight:
         return out[:rows]
 
     @staticmethod
-    def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-        return (
-            weight.device.type == "cpu"
-            and weight.dtype == torch.float32
-            and x.dtype == torch.float32
-            and mkl_packing_available()
-        )
+    def _usable(weight: torch.Tensor) -> bool:
+        return weight.device.type == "cpu" and weight.dtype == torch.float32 and mkl_packing_available()
