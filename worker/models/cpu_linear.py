@@ -37,9 +37,8 @@ class PackedWeight:
 
     def prepare(self, weight: torch.Tensor) -> None:
         """Pack now (at load, after a swap) instead of inside the next decode step; no-op off CPU fp32."""
-        if self._usable(weight) and (self._packed is None or self._version != weight._version):
-            self._packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), PACK_ROWS)
-            self._version = weight._version
+        if self._usable(weight):
+            self._pack(weight)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # x: [rows, in], weight: [out, in] -> [rows, out]
@@ -47,11 +46,16 @@ class PackedWeight:
         if not (MIN_PACKED_ROWS <= rows <= PACK_ROWS and x.dim() == 2 and x.dtype == weight.dtype
                 and self._usable(weight)):
             return F.linear(x, weight, bias)
-        self.prepare(weight)
+        self._pack(weight)
         if rows < PACK_ROWS:
             x = F.pad(x, (0, 0, 0, PACK_ROWS - rows))  # [PACK_ROWS, in]
         out = torch.ops.mkl._mkl_linear(x.contiguous(), self._packed, weight, bias, PACK_ROWS)
         return out[:rows]
+
+    def _pack(self, weight: torch.Tensor) -> None:
+        if self._packed is None or self._version != weight._version:
+            self._packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), PACK_ROWS)
+            self._version = weight._version
 
     @staticmethod
     def _usable(weight: torch.Tensor) -> bool:
