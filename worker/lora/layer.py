@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from worker.kernels.lora_expand import lora_expand
-from worker.kernels.lora_segments import build_segments, max_segment_len
+from worker.kernels.lora_segments import build_segments, max_segment_len, triton_requested
 from worker.kernels.lora_shrink import lora_shrink
+from worker.lora.cpu_batched import Run, expand_run, plan_runs, shrink_run, to_run
 from worker.lora.layout import GROUPS
 from worker.lora.slots import LoraSlots
 from worker.models.llama import LlamaForCausalLM
@@ -30,6 +31,9 @@ class LoraRuntime:
     def __init__(self, model: LlamaForCausalLM, slots: LoraSlots):
         self.model, self.slots = model, slots
         self.segments: dict[str, Segments | None] = {g: None for g in GROUPS}
+        # fp32 on a CPU: batched matmuls over runs of slots (cpu_batched.py) instead of the kernels.
+        self.cpu_batched = not triton_requested(slots.scalings, None) and slots.dtype == torch.float32
+        self.runs: dict[str, list[Run]] = {g: [] for g in GROUPS}
         self.active = False
         self._hooks = [
             (layer.get_submodule(path), self._hook(i, group))
@@ -43,16 +47,20 @@ class LoraRuntime:
             self._set_active(False)
             return
         any_lora = False
+        scalings = self.slots.scalings.tolist() if self.cpu_batched else []
         for group in GROUPS:
             # An adapter that does not touch this group counts as base here: no wasted work.
             group_slots = [s if s >= 0 and group in self.slots.slot_groups[s] else -1 for s in token_slots]
             if all(s < 0 for s in group_slots):
-                self.segments[group] = None
+                self.segments[group], self.runs[group] = None, []
+                continue
+            any_lora = True
+            if self.cpu_batched:
+                self.runs[group] = [to_run(plan, scalings) for plan in plan_runs(group_slots)]
                 continue
             indptr, seg_slots = build_segments(group_slots)
             self.segments[group] = Segments(indptr.to(self.slots.device), seg_slots.to(self.slots.device),
                                             max_segment_len(indptr))
-            any_lora = True
         self._set_active(any_lora)
 
     def _set_active(self, active: bool) -> None:
@@ -64,6 +72,15 @@ class LoraRuntime:
     def _hook(self, layer: int, group: str):
         slots, R = self.slots, self.slots.max_rank
 
+        def apply_batched(x: torch.Tensor, out: torch.Tensor) -> None:
+            for run in self.runs[group]:
+                y = shrink_run(x, slots.a[group][layer], run)  # [n, rows, n_sub * R]
+                offset = 0
+                for k, bt in enumerate(slots.b[group]):
+                    width = bt.shape[3]
+                    expand_run(y[:, :, k * R:(k + 1) * R], bt[layer], run, out[:, offset:offset + width])
+                    offset += width
+
         def apply(x: torch.Tensor, out: torch.Tensor) -> None:
             # x: [num_tokens, in], out: [num_tokens, sum(out_sub)] updated in place
             seg = self.segments[group]
@@ -71,9 +88,10 @@ class LoraRuntime:
                 return
             y = lora_shrink(x, slots.a[group][layer], seg.indptr, seg.slots, max_seg_len=seg.max_len)  # [T, n*R]
             offset = 0
-            for k, b in enumerate(slots.b[group]):
-                lora_expand(y[:, k * R : (k + 1) * R], b[layer], slots.scalings, seg.indptr, seg.slots, out,
-                            offset, max_seg_len=seg.max_len)
-                offset += b.shape[2]
+            for k, bt in enumerate(slots.b[group]):
+                # bt[layer]: [max_loras, R, out_sub]; the kernels take B as [max_loras, out_sub, R]
+                lora_expand(y[:, k * R : (k + 1) * R], bt[layer].transpose(1, 2), slots.scalings, seg.indptr,
+                            seg.slots, out, offset, max_seg_len=seg.max_len)
+                offset += bt.shape[3]
 
-        return apply
+        return apply_batched if self.cpu_batched else apply

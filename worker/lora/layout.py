@@ -48,7 +48,7 @@ class StackedAdapter:
     rank: int
     scaling: float
     a: dict[str, torch.Tensor]  # group -> [num_layers, len(subs), r, in]
-    b: dict[str, list[torch.Tensor]]  # group -> per sub-projection [num_layers, out_sub, r]
+    b: dict[str, list[torch.Tensor]]  # group -> per sub-projection B^T [num_layers, r, out_sub]
     groups: frozenset[str]  # groups the adapter touches (others get no LoRA work at all)
 
     @property
@@ -69,12 +69,12 @@ def stack_adapter(name: str, tensors: dict[tuple[int, str], tuple[torch.Tensor, 
         in_dim, outs = group_dims(cfg, group)
         subs = GROUPS[group][1]
         a_g = torch.zeros(L, len(subs), rank, in_dim, dtype=dtype, pin_memory=pin)
-        b_g = [torch.zeros(L, out, rank, dtype=dtype, pin_memory=pin) for out in outs]
+        b_g = [torch.zeros(L, rank, out, dtype=dtype, pin_memory=pin) for out in outs]
         for (layer, module), (lora_a, lora_b) in tensors.items():
             if MODULE_GROUP[module] != group:
                 continue
             k = subs.index(module)
             a_g[layer, k] = lora_a
-            b_g[k][layer] = lora_b
+            b_g[k][layer] = lora_b.T
         a[group], b[group] = a_g, b_g
     return StackedAdapter(name, rank, scaling, a, b, frozenset(touched))

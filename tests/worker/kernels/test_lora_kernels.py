@@ -183,6 +183,20 @@ def test_expand_kernel_vs_reference(layout, shape, seed, out_offset, extra):
 
 
 @needs_triton
+def test_expand_kernel_reads_b_through_a_transposed_view():
+    """Slots store B^T [max_loras, R, out]; the kernel gets B as a strided [max_loras, out, R] view."""
+    c = make_case(LAYOUTS[0], SHAPES[2], 77)
+    b_view = c["lora_b"].transpose(1, 2).contiguous().transpose(1, 2)  # same values, rank-major storage
+    assert b_view.stride(1) == 1
+    y = lora_shrink_reference(c["x"], c["lora_a"], c["indptr"], c["slots"])
+    base = torch.randn(y.shape[0], SHAPES[2][3])
+    want, got = base.clone(), base.clone()
+    lora_expand_reference(y, c["lora_b"], c["scalings"], c["indptr"], c["slots"], want)
+    lora_expand(y, b_view, c["scalings"], c["indptr"], c["slots"], got, force_triton=True)
+    torch.testing.assert_close(got, want, **TOL)
+
+
+@needs_triton
 @pytest.mark.parametrize("max_seg_len", [1, 17, 40])
 def test_max_seg_len_only_sizes_grid(max_seg_len):
     """A short hint makes one program loop over several token chunks of a segment."""
