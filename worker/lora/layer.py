@@ -14,7 +14,7 @@ import torch
 from worker.kernels.lora_expand import lora_expand
 from worker.kernels.lora_segments import build_segments, max_segment_len, triton_requested
 from worker.kernels.lora_shrink import lora_shrink
-from worker.lora.cpu_batched import Run, expand_run, plan_runs, shrink_run, to_run
+from worker.lora.cpu_batched import Run, RunWeights, expand_run, plan_runs, run_weights, shrink_run, to_run
 from worker.lora.layout import GROUPS
 from worker.lora.slots import LoraSlots
 from worker.models.llama import LlamaForCausalLM
@@ -48,6 +48,7 @@ class LoraRuntime:
             return
         any_lora = False
         scalings = self.slots.scalings.tolist() if self.cpu_batched else []
+        ranks = self.slots.slot_ranks
         for group in GROUPS:
             # An adapter that does not touch this group counts as base here: no wasted work.
             group_slots = [s if s >= 0 and group in self.slots.slot_groups[s] else -1 for s in token_slots]
@@ -56,7 +57,7 @@ class LoraRuntime:
                 continue
             any_lora = True
             if self.cpu_batched:
-                self.runs[group] = [to_run(plan, scalings) for plan in plan_runs(group_slots)]
+                self.runs[group] = [to_run(plan, scalings, ranks) for plan in plan_runs(group_slots)]
                 continue
             indptr, seg_slots = build_segments(group_slots)
             self.segments[group] = Segments(indptr.to(self.slots.device), seg_slots.to(self.slots.device),
@@ -72,13 +73,19 @@ class LoraRuntime:
     def _hook(self, layer: int, group: str):
         slots, R = self.slots, self.slots.max_rank
 
+        # Views of this layer's slot weights per (first slot, slots, rank): decode steps reuse them.
+        views: dict[tuple[int, int, int], RunWeights] = {}
+
         def apply_batched(x: torch.Tensor, out: torch.Tensor) -> None:
             for run in self.runs[group]:
-                y = shrink_run(x, slots.a[group][layer], run)  # [n, rows, n_sub * R]
+                key = (run.first, run.num_slots, run.rank)
+                w = views.get(key)
+                if w is None:
+                    w = views[key] = run_weights(slots.a[group][layer], [bt[layer] for bt in slots.b[group]], *key)
                 offset = 0
-                for k, bt in enumerate(slots.b[group]):
-                    width = bt.shape[3]
-                    expand_run(y[:, :, k * R:(k + 1) * R], bt[layer], run, out[:, offset:offset + width])
+                for y, b_t in zip(shrink_run(x, w, run), w.b_t):
+                    width = b_t.shape[2]
+                    expand_run(y, b_t, run, out[:, offset:offset + width])
                     offset += width
 
         def apply(x: torch.Tensor, out: torch.Tensor) -> None:

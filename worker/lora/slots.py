@@ -38,6 +38,7 @@ class LoraSlots:
             self.b[group] = [torch.zeros(L, max_loras, R, out, dtype=dtype, device=device) for out in outs]
         self.scalings = torch.zeros(max_loras, dtype=torch.float32, device=device)  # [max_loras]
         self.slot_groups: list[frozenset[str]] = [frozenset()] * max_loras
+        self.slot_ranks = [0] * max_loras  # rank of each slot's adapter: rows beyond it are zero
         # Per slot and group: how many rank rows may hold non-zero weights (all zero at start).
         self._dirty_rank = [{g: 0 for g in GROUPS} for _ in range(max_loras)]
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
@@ -61,7 +62,7 @@ class LoraSlots:
         """A slot holding `name` (loading it if needed), or None if every slot is busy."""
         slot = self._resident.get(name)
         if slot is None:
-            slot = self._free_slot()
+            slot = self._free_slot(name)
             if slot is None:
                 return None
             self._load(name, slot)
@@ -98,11 +99,14 @@ class LoraSlots:
         self._host.move_to_end(name)
         return adapter
 
-    def _free_slot(self) -> int | None:
+    def _free_slot(self, name: str) -> int | None:
         used = set(self._resident.values())
-        for slot in range(self.max_loras):
-            if slot not in used:
-                return slot
+        free = [slot for slot in range(self.max_loras) if slot not in used]
+        if free:
+            # Adapters touching every group fill slots from the bottom, the others from the top, so
+            # each group's adapters tend to sit in neighbouring slots: the CPU path batches a run of
+            # neighbouring slots in one matmul (cpu_batched.py).
+            return free[0] if self.host_adapter(name).groups == frozenset(GROUPS) else free[-1]
         for name, slot in self._resident.items():  # least recently used first
             if self._users[slot] == 0:
                 del self._resident[name]
@@ -128,6 +132,7 @@ class LoraSlots:
             self._dirty_rank[slot][group] = r
         self.scalings[slot] = adapter.scaling
         self.slot_groups[slot] = adapter.groups
+        self.slot_ranks[slot] = r
         self._resident[name] = slot
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()

@@ -6,7 +6,7 @@ import torch
 from worker.kernels.lora_expand import lora_expand_reference
 from worker.kernels.lora_segments import build_segments
 from worker.kernels.lora_shrink import lora_shrink_reference
-from worker.lora.cpu_batched import RunPlan, expand_run, plan_runs, shrink_run, to_run
+from worker.lora.cpu_batched import RunPlan, expand_run, plan_runs, run_weights, shrink_run, to_run
 
 
 def test_plan_merges_consecutive_slots_and_pads_to_the_longest():
@@ -37,11 +37,11 @@ def test_plan_splits_when_padding_would_double_a_long_segment():
 
 def test_to_run_finds_spans_of_x():
     plan = RunPlan(first=0, rows=2, tokens=[3, 4, 5, 5], real=[True, True, True, False])
-    run = to_run(plan, [0.5, 2.0])
-    assert run.span == slice(3, 6) and run.real_rows.tolist() == [0, 1, 2]
+    run = to_run(plan, [0.5, 2.0], ranks=[8, 16])
+    assert run.span == slice(3, 6) and run.real_rows.tolist() == [0, 1, 2] and run.rank == 16
     assert run.row_scale.flatten().tolist() == [0.5, 0.5, 2.0, 0.0]
-    scattered = to_run(RunPlan(first=1, rows=1, tokens=[4, 1], real=[True, True]), [0.0, 1.0, 3.0])
-    assert scattered.span is None and scattered.real_rows is None
+    scattered = to_run(RunPlan(first=1, rows=1, tokens=[4, 1], real=[True, True]), [0.0, 1.0, 3.0], [32, 8, 8])
+    assert scattered.span is None and scattered.real_rows is None and scattered.rank == 8
 
 
 # token slot layouts: decode-like (sorted, 1-3 per slot), with base tokens, unsorted, prefill + decode
@@ -54,14 +54,20 @@ LAYOUTS = [
 ]
 
 
+@pytest.mark.parametrize("ranks", [[16, 16, 16, 16], [8, 16, 4, 8], [4, 4, 8, 8]])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_runs_match_the_segment_reference(layout):
+def test_runs_match_the_segment_reference(layout, ranks):
     g = torch.Generator().manual_seed(len(layout))
     max_loras, rank, in_dim, outs = 4, 16, 48, (40, 24)  # two sub-projections, like k/v
     num_tokens = len(layout)
     x = torch.randn(num_tokens, in_dim, generator=g)
-    lora_a = torch.randn(max_loras, len(outs) * rank, in_dim, generator=g)  # [L, n_sub * R, in]
+    lora_a = torch.randn(max_loras, len(outs), rank, in_dim, generator=g)
     lora_bt = [torch.randn(max_loras, rank, o, generator=g) for o in outs]  # B^T [L, R, out]
+    for slot, r in enumerate(ranks):  # slot rows beyond the adapter's rank are zero, as LoraSlots keeps them
+        lora_a[slot, :, r:] = 0
+        for bt in lora_bt:
+            bt[slot, r:] = 0
+    lora_a = lora_a.flatten(1, 2)  # [L, n_sub * R, in]
     scalings = torch.tensor([0.5, 2.0, 1.0, 0.25])
     base = torch.randn(num_tokens, sum(outs), generator=g)
 
@@ -75,11 +81,12 @@ def test_runs_match_the_segment_reference(layout):
         offset += outs[k]
 
     got = base.clone()
-    for run in (to_run(p, scalings.tolist()) for p in plan_runs(layout)):
-        y = shrink_run(x, lora_a, run)
+    for run in (to_run(p, scalings.tolist(), ranks) for p in plan_runs(layout)):
+        w = run_weights(lora_a, lora_bt, run.first, run.num_slots, run.rank)
+        assert w.rank == max(ranks[run.first:run.first + run.num_slots]) and w.fused == (w.rank == rank)
         offset = 0
-        for k, bt in enumerate(lora_bt):
-            expand_run(y[:, :, k * rank:(k + 1) * rank], bt, run, got[:, offset:offset + outs[k]])
+        for k, (y, b_t) in enumerate(zip(shrink_run(x, w, run), w.b_t)):
+            expand_run(y, b_t, run, got[:, offset:offset + outs[k]])
             offset += outs[k]
 
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
