@@ -4,13 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.models.cpu_linear import MIN_PACKED_ROWS, PACK_ROWS, PackedWeight, mkl_packing_available
+from worker.models.cpu_linear import MAX_PACKED_ROWS, MIN_PACKED_ROWS, PACK_ROWS, PackedWeight, mkl_packing_available
 
 needs_mkl = pytest.mark.skipif(not mkl_packing_available(), reason="torch built without MKL")
 
 
 @needs_mkl
-@pytest.mark.parametrize("rows", [1, MIN_PACKED_ROWS, 7, 13, PACK_ROWS, PACK_ROWS + 1, 64])
+@pytest.mark.parametrize("rows", [1, MIN_PACKED_ROWS - 1, MIN_PACKED_ROWS, 7, 13, PACK_ROWS, PACK_ROWS + 1, 23,
+                                  MAX_PACKED_ROWS, MAX_PACKED_ROWS + 1, 64])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matches_plain_linear(rows, with_bias):
     torch.manual_seed(rows)
@@ -22,13 +23,17 @@ def test_matches_plain_linear(rows, with_bias):
 
 
 @needs_mkl
-def test_padding_rows_change_nothing():
-    """A row's result is the same whichever batch it is padded into."""
+def test_one_pack_serves_every_packed_row_count():
+    """The weight is packed once (for PACK_ROWS) and computes batches of any packed size."""
     torch.manual_seed(0)
-    weight, x = torch.randn(64, 32), torch.randn(PACK_ROWS, 32)
+    weight = torch.randn(300, 72)
     packed = PackedWeight()
-    full = packed.linear(x, weight)
-    assert torch.equal(packed.linear(x[:5], weight), full[:5])
+    packed.prepare(weight)
+    first = packed._packed
+    for rows in range(MIN_PACKED_ROWS, MAX_PACKED_ROWS + 1):
+        x = torch.randn(rows, 72)
+        torch.testing.assert_close(packed.linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert packed._packed is first  # never repacked for another row count
 
 
 @needs_mkl
