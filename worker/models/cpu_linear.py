@@ -1,14 +1,15 @@
 """Decode-sized matmuls on CPU through MKL's packed-weight GEMM.
 
 On CPU a decode step multiplies every weight by only a few rows (one per running sequence), and
-MKL's plain sgemm handles 4..32 rows poorly: on this project's AVX-512 machines a 4-row product
+MKL's plain sgemm handles 4..16 rows poorly: on this project's AVX-512 machines a 4-row product
 costs 1.5x a 3-row one, and 13 rows cost more than 16. Once the weight is packed into MKL's own
-layout those shapes run 1.1-1.6x faster (the demo model's projections, 30 layers: 4 rows 27.1 ->
-20.5 ms, 16 rows 40.5 -> 28.0 ms, 32 rows 48.6 -> 43.1 ms). So each CPU fp32 weight keeps a
-second copy, packed once, and batches of 4..32 rows run packed at their own row count (MKL's
+layout those shapes run 1.3-1.6x faster (the demo model's projections, 30 layers: 4 rows 27.1 ->
+20.5 ms, 13 rows 41.8 -> 27.0 ms, 16 rows 40.5 -> 28.0 ms). So each CPU fp32 weight keeps a
+second copy, packed once, and batches of 4..16 rows run packed at their own row count (MKL's
 packed B does not depend on the row count: its size is the same for any, and Paddle packs for
 one row and computes for any batch). 1..3 rows (MKL's tiny-M kernel is as fast), bigger batches
-(prefill chunks: plain is faster from ~48 rows) and every GPU tensor take the plain GEMM.
+(17..32 rows measured no faster in engine steps; prefill chunks are faster plain) and every GPU
+tensor take the plain GEMM.
 
 The packed copy follows the weight by its version counter (`Tensor._version`, bumped by every
 in-place write): a full fine-tune copied in place repacks at the engine's next `prepack()` or on
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 PACK_ROWS = 16  # the row count given to MKL's pack (the packed layout serves any row count)
 MIN_PACKED_ROWS = 4  # below this the plain GEMM is as fast (MKL's tiny-M kernel)
-MAX_PACKED_ROWS = 32  # above this the plain GEMM catches up (equal at 48-64, faster for prefill)
+MAX_PACKED_ROWS = 16  # above this the packed path measured no faster in the engine
 
 
 @functools.cache
