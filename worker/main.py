@@ -1,7 +1,7 @@
 """`hotswap worker`: one process per GPU = one engine + one Celery consumer of its own queue.
 
 The engine is built before Celery starts, in this process (the solo pool never forks, so CUDA is
-initialised exactly once, where it is used). SIGTERM makes Celery stop consuming; then the service
+initialised exactly once, where it is used), on the thread that will run its steps. SIGTERM makes Celery stop consuming; then the service
 drains: running requests finish or are requeued, nothing is lost.
 """
 
@@ -37,11 +37,14 @@ def make_service(settings, engine=None):
     from adapters.registry import Registry
     from hotswap.storage import open_store
     from worker.service import WorkerService
+    from worker.torch_thread import TorchThread
 
-    engine = engine or build_engine(settings)
+    torch_thread = TorchThread()  # loads the model and runs every step: one OpenMP team (see there)
+    engine = engine or torch_thread.call(build_engine, settings)
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, health_check_interval=30)
     store = open_store(settings)
-    return WorkerService(engine, client, Registry(client, store), AdapterCache.from_settings(store, settings), settings)
+    return WorkerService(engine, client, Registry(client, store), AdapterCache.from_settings(store, settings), settings,
+                         torch_thread=torch_thread)
 
 
 def run_worker(settings, loglevel: str = "INFO") -> None:

@@ -4,8 +4,9 @@ Threads:
 - Celery's (solo pool) calls `accept(ids)` for each dispatched batch: it claims the requests in
   Redis (a redelivered message claims nothing), fetches adapters to the disk cache, and hands them
   to the engine thread. It returns at once, so batches overlap in the engine.
-- The engine thread owns the engine: admits requests, runs steps, streams tokens into each
-  request's Redis stream, records each result once (`Queues.complete` checks ownership).
+- The engine thread (a TorchThread, the one thread of the process that calls torch) owns the
+  engine: admits requests, runs steps, streams tokens into each request's Redis stream, records
+  each result once (`Queues.complete` checks ownership).
 - The heartbeat thread renews the lease and the registration (which models it holds, its room).
 
 Nothing is lost on the way: a request is in Redis until its result is; if this process dies the
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+from concurrent import futures
 import socket
 import threading
 import time
@@ -29,6 +31,7 @@ from scheduler import keys
 from scheduler.queues import Queues
 from scheduler.workers import WorkerInfo, deregister, heartbeat, rejoin
 from worker.targets import LocalModel, TargetError, fetch_target
+from worker.torch_thread import TorchThread
 
 log = logging.getLogger("hotswap.worker")
 
@@ -55,8 +58,10 @@ class Live:
 
 
 class WorkerService:
-    def __init__(self, engine, redis_client, registry, cache, settings, worker_id: str | None = None):
+    def __init__(self, engine, redis_client, registry, cache, settings, worker_id: str | None = None,
+                 torch_thread: TorchThread | None = None):
         self.engine = engine
+        self._torch = torch_thread or TorchThread()  # best: the thread that built the engine
         self.redis = redis_client
         self.registry, self.cache = registry, cache
         self.settings = settings
@@ -75,6 +80,7 @@ class WorkerService:
         self._lease_lost = threading.Event()
         self.accepting = True
         self._threads: list[threading.Thread] = []
+        self._engine_done = None  # Future of the engine loop on the torch thread
         self._weights = "base"
         self.metrics = MetricsBuffer()  # flushed into Redis by the heartbeat thread
 
@@ -83,10 +89,10 @@ class WorkerService:
     def start(self) -> None:
         self._refresh_info()
         heartbeat(self.redis, self.info, self.settings.lease_s, first=True)
-        for target, name in ((self._engine_loop, "engine"), (self._heartbeat_loop, "heartbeat")):
-            t = threading.Thread(target=target, name=f"hotswap-{name}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._engine_done = self._torch.submit(self._engine_loop)
+        t = threading.Thread(target=self._heartbeat_loop, name="hotswap-heartbeat", daemon=True)
+        t.start()
+        self._threads.append(t)
         log.info("worker %s ready (queue %s, room for %d requests)", self.id, self.info.queue, self.info.max_inflight)
 
     def drain(self, timeout_s: float | None = None) -> int:
@@ -101,6 +107,8 @@ class WorkerService:
             time.sleep(0.05)
         self._stop.set()
         self._wake.set()
+        if self._engine_done is not None:
+            futures.wait([self._engine_done], timeout=10)
         for t in self._threads:
             t.join(timeout=10)
         requeued = 0
