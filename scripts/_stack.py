@@ -75,6 +75,18 @@ def tail(path: Path | None, lines: int = 15) -> str:
         return "(no log)"
 
 
+def last_tracebacks(log_dir: Path, lines: int = 30) -> dict[str, str]:
+    """Per log file, the last traceback it holds (with the line before it): what to show when a run
+    fails, before the stack's temp dir is removed."""
+    found = {}
+    for log in sorted(Path(log_dir).glob("*.log")):
+        text = log.read_text(errors="replace").splitlines()
+        starts = [i for i, line in enumerate(text) if line.startswith("Traceback")]
+        if starts:
+            found[log.name] = "\n".join(text[max(0, starts[-1] - 1): starts[-1] + lines])
+    return found
+
+
 def rss_bytes(pid: int) -> int | None:
     """Resident set size of a process from /proc (None when it is gone or off Linux)."""
     try:

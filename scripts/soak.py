@@ -214,6 +214,11 @@ class LocalHarness:
     def restart_worker(self) -> int | None:
         return self.stack.start_worker(0)
 
+    def server_tracebacks(self) -> dict[str, str]:
+        from _stack import last_tracebacks
+
+        return last_tracebacks(self.stack.procs.log_dir)
+
     def wait_workers(self, n: int, timeout: float, exclude: set[str] = frozenset()) -> None:
         self.stack.wait_workers(n, timeout, exclude)
 
@@ -238,6 +243,9 @@ class RemoteHarness:
 
     def add_adapters(self, n: int, seed: int) -> list[str]:
         return []
+
+    def server_tracebacks(self) -> dict[str, str]:
+        return {}  # its logs are the deployment's
 
     def _local_workers(self) -> list:
         from scheduler.workers import live_workers
@@ -675,9 +683,13 @@ def main(argv: list[str] | None = None) -> dict:
         stored_ids = stored_request_ids(harness.redis)
         report = build_report(args, capacity, rate, load, memory, stored, stored_ids, client.known_ids,
                               harness.lease_s)
+        if not report["passed"]:  # the local stack's logs go with it: keep what explains the failure
+            report["server_tracebacks"] = harness.server_tracebacks()
     report["machine_load_avg"] = {"before_load": list(load_avg[0]), "after_load": list(load_avg[1]),
                                   "cpus": os.cpu_count()}
     render(report, out)
+    for log, text in report.get("server_tracebacks", {}).items():
+        out.print(f"last traceback in {log}:\n{text}", markup=False, highlight=False)
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
     if not report["passed"]:

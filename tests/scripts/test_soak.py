@@ -110,6 +110,18 @@ def test_read_stored_counts_result_entries(soak, redis_client):
     assert soak.stored_request_ids(redis_client) == {"req_1", "req_2"}
 
 
+def test_a_failed_run_keeps_the_last_traceback_of_each_server_log(tmp_path):
+    with loaded_script("_stack") as stack:
+        last_tracebacks = stack.last_tracebacks
+
+        (tmp_path / "api.log").write_text("INFO ok\nERROR first\nTraceback (most recent call last):\n  old\nKeyError: 1\n"
+                                          "ERROR unhandled error\nTraceback (most recent call last):\n  File \"x\"\n"
+                                          "ValueError: boom\n")
+        (tmp_path / "worker0.log").write_text("INFO ready\n")
+        assert last_tracebacks(tmp_path) == {
+            "api.log": 'ERROR unhandled error\nTraceback (most recent call last):\n  File "x"\nValueError: boom'}
+
+
 @pytest.mark.slow
 def test_short_soak_with_a_worker_killed(soak, tmp_path, demo_model_dir):
     out = tmp_path / "soak.json"
