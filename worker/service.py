@@ -18,11 +18,11 @@ from __future__ import annotations
 import logging
 import os
 import queue
-from concurrent import futures
 import socket
 import threading
 import time
 import uuid
+from concurrent import futures
 from dataclasses import dataclass, field
 
 from hotswap.metrics import MetricsBuffer, record_finished

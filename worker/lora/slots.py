@@ -107,9 +107,9 @@ class LoraSlots:
             # each group's adapters tend to sit in neighbouring slots: the CPU path batches a run of
             # neighbouring slots in one matmul (cpu_batched.py).
             return free[0] if self.host_adapter(name).groups == frozenset(GROUPS) else free[-1]
-        for name, slot in self._resident.items():  # least recently used first
+        for resident, slot in self._resident.items():  # least recently used first
             if self._users[slot] == 0:
-                del self._resident[name]
+                del self._resident[resident]
                 return slot
         return None
 
