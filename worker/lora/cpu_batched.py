@@ -24,7 +24,7 @@ _PAD_SHARE, _PAD_SLACK = 0.5, 16
 
 @dataclass(frozen=True)
 class RunPlan:
-    """Pure plan of one run: slots first..first+len(counts)-1, each padded to `rows` rows."""
+    """Pure plan of one run: slots first .. first + len(tokens) // rows - 1, each padded to `rows` rows."""
 
     first: int
     rows: int
