@@ -1,8 +1,9 @@
 """`hotswap worker`: one process per GPU = one engine + one Celery consumer of its own queue.
 
 The engine is built before Celery starts, in this process (the solo pool never forks, so CUDA is
-initialised exactly once, where it is used), on the thread that will run its steps. SIGTERM makes Celery stop consuming; then the service
-drains: running requests finish or are requeued, nothing is lost.
+initialised exactly once, where it is used), on the thread that will run its steps. SIGTERM makes
+Celery stop consuming; then the service drains: running requests finish or are requeued, nothing
+is lost.
 """
 
 from __future__ import annotations

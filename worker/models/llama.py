@@ -123,9 +123,11 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, LinearSlot):
                 module.packed.prepare(module.weight)
-        self.lm_head_packed.prepare(self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        self.lm_head_packed.prepare(self._logits_weight())
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [n, hidden] -> [n, vocab] in fp32 (sampling wants full precision)
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return self.lm_head_packed.linear(hidden, weight).float()
+        return self.lm_head_packed.linear(hidden, self._logits_weight()).float()
+
+    def _logits_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # tied or not
