@@ -25,6 +25,17 @@ def load_base_tokenizer(settings):
     return Tokenizer(model_dir), int(config.get("max_position_embeddings") or 32768)
 
 
+def body_limit(settings: Settings, method: str, path: str) -> tuple[int, str] | None:
+    """The most bytes a request body may have, and what to do instead (None: no body expected)."""
+    if method not in ("POST", "PUT", "PATCH"):
+        return None
+    if path == "/v1/adapters":
+        return settings.max_upload_mb * 2**20, "HOTSWAP_MAX_UPLOAD_MB sets it"
+    if path == "/v1/files":  # + room for the multipart envelope around the file
+        return settings.max_batch_file_mb * 2**20 + 2**16, "split it into several batches (HOTSWAP_MAX_BATCH_FILE_MB)"
+    return settings.max_request_mb * 2**20, "send a shorter prompt (HOTSWAP_MAX_REQUEST_MB sets the limit)"
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -60,17 +71,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def upload_size_limit(request, call_next):
-        # Refuse oversized uploads before their body is read and spooled to disk.
-        limit = settings.max_upload_mb * 2**20
-        length = request.headers.get("content-length")
-        if request.method == "POST" and length and length.isdigit() and int(length) > limit:
-            from api.errors import error_response
+    from api.boundary import BodyLimit, ErrorBoundary
 
-            return error_response(413, f"upload of {int(length):,} bytes exceeds this server's limit of "
-                                       f"{settings.max_upload_mb} MB (HOTSWAP_MAX_UPLOAD_MB)", code="upload_too_large")
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit_for=lambda method, path: body_limit(settings, method, path))
+    app.add_middleware(ErrorBoundary)  # added last: the outermost, so it also sees BodyLimit's errors
 
     from api.routes import adapters, batches, chat, completions, files, health, models
 

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-log = logging.getLogger("hotswap.api")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
@@ -25,7 +21,13 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
+def _utf8(text: str | None) -> str | None:
+    """Lone surrogates (a client may send "\\ud800" inside a name) as visible escapes: UTF-8 cannot hold them."""
+    return text if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def envelope(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    message, param = _utf8(message), _utf8(param)
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error" if status >= 500 else
                                                              "invalid_request_error"),
                       "param": param, "code": code}}
@@ -53,6 +55,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "unsupported_parameter":  # names every unsupported parameter at once
             return error_response(400, first["msg"], param=first["ctx"]["names"].split(", ")[0],
                                   code="unsupported_parameter")
+        if first.get("type") == "invalid_unicode":
+            return error_response(400, first["msg"], param=first["ctx"]["param"], code="invalid_unicode")
         if first.get("type") == "json_invalid":
             return error_response(400, "the request body is not valid JSON: "
                                        f"{first.get('ctx', {}).get('error', 'parse error')}", code="invalid_json")
@@ -60,8 +64,4 @@ def install_error_handlers(app: FastAPI) -> None:
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
         return error_response(400, message, param=param)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception):
-        log.exception("unhandled error")
-        return error_response(500, "internal error: the server logged the details")
+    # Any other exception is answered by api.boundary.ErrorBoundary (it must not re-raise).

@@ -8,6 +8,7 @@ worker), and a client that goes away cancels its request, queued or running.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Literal
@@ -17,12 +18,15 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from api.boundary import redis_unavailable
 from api.errors import APIError, envelope
 from hotswap import openai_schemas as oa
 from hotswap.protocol import GenerationRequest, GenerationResult
 from scheduler.aio import live_workers
 from scheduler.prepare import PrepareError, ServedModel, build_request
 from scheduler.queues import QueueFull
+
+log = logging.getLogger("hotswap.api")
 
 Kind = Literal["chat", "completion"]
 _MAX_DEFAULT_MODEL_LEN = 32768
@@ -119,27 +123,36 @@ async def _sse(request: Request, req: GenerationRequest, kind: Kind, response_id
 
     finished = False
     try:
-        if kind == "chat":
-            yield _event(chunk(first=True))
-        async for item in aqueues.follow(req.id):
-            if item is None:
-                continue  # a quiet second; a gone client surfaces as cancellation of this generator
-            if isinstance(item, str):
-                if item:
-                    yield _event(chunk(item))
-                continue
-            finished = True
-            if item.status == "failed":
-                failure = _failure(item)
-                yield _event(envelope(failure.status, failure.message, code=failure.code))
-            else:
-                yield _event(chunk(finish=_finish_reason(item)))
-                if include_usage:
-                    yield _event(oa.usage_chunk(response_id, req.model, created, item.prompt_tokens,
-                                                item.completion_tokens, kind=kind))
-            break
+        try:
+            if kind == "chat":
+                yield _event(chunk(first=True))
+            async for item in aqueues.follow(req.id):
+                if item is None:
+                    continue  # a quiet second; a gone client surfaces as cancellation of this generator
+                if isinstance(item, str):
+                    if item:
+                        yield _event(chunk(item))
+                    continue
+                finished = True
+                if item.status == "failed":
+                    failure = _failure(item)
+                    yield _event(envelope(failure.status, failure.message, code=failure.code))
+                else:
+                    yield _event(chunk(finish=_finish_reason(item)))
+                    if include_usage:
+                        yield _event(oa.usage_chunk(response_id, req.model, created, item.prompt_tokens,
+                                                    item.completion_tokens, kind=kind))
+                break
+        except Exception as exc:  # noqa: BLE001 - the status is sent: the stream itself says what happened
+            log.exception("stream of %s failed", req.id)
+            status, message = ((503, "lost the connection to the queue store; retry") if redis_unavailable(exc)
+                               else (500, "internal error: the server logged the details"))
+            yield _event(envelope(status, message, code="stream_failed"))
         yield "data: [DONE]\n\n"
     finally:
-        if not finished:  # the client disconnected mid-stream: stop spending GPU time on it
-            with anyio.CancelScope(shield=True):  # this task is being cancelled: shield the one call
-                await aqueues.cancel(req.id)
+        if not finished:  # the client disconnected mid-stream, or the stream failed: stop the work
+            with anyio.CancelScope(shield=True):  # this task may be being cancelled: shield the one call
+                try:
+                    await aqueues.cancel(req.id)
+                except Exception:  # noqa: BLE001 - Redis gone too: the request's lease ends it
+                    log.warning("could not cancel %s", req.id, exc_info=True)

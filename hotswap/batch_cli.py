@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from hotswap import safe_json
 from hotswap.console import err, fail, out
 
 app = typer.Typer(help="Batch jobs: submit a JSONL file of requests, follow it, fetch the results.",
@@ -45,7 +46,7 @@ def check_jsonl(path: Path) -> int:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = safe_json.loads(line)
             except ValueError as exc:
                 fail(f"{path} is not JSONL: line {number} is not valid JSON ({exc})")
             if not isinstance(obj, dict):

@@ -80,10 +80,40 @@ def unsupported_params(body: dict, kind: Kind) -> list[str]:
             if key not in fields and (key not in ignored or not _harmless(value, ignored[key]))]
 
 
+def lone_surrogate(value: Any) -> tuple[str, str] | None:
+    """(path, code point) of the first string, key or value, holding a lone UTF-16 surrogate.
+    JSON can carry one ("\\ud800") and Python decodes it, but no UTF-8 text (the tokenizer, Redis,
+    an output file) can hold it. Iterative: the body may nest deeply."""
+    stack: list[tuple[str, Any]] = [("body", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return path, f"\\u{ord(item[exc.start]):04x}"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                name = f"{path}.{_printable(key)}".removeprefix("body.")
+                stack += [(name, key), (name, child)]
+        elif isinstance(item, list):
+            stack += [(f"{path}.{i}".removeprefix("body."), child) for i, child in enumerate(item)]
+    return None
+
+
+def _printable(key: Any) -> str:
+    return str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _refuse_unsupported(body: Any, kind: Kind) -> Any:
-    """The before-validator of both requests: refuse by name, then drop the harmless extras."""
+    """The before-validator of both requests: refuse broken text and unsupported parameters by name,
+    then drop the harmless extras."""
     if not isinstance(body, dict):
         return body
+    bad_text = lone_surrogate(body)
+    if bad_text:
+        raise PydanticCustomError("invalid_unicode", "{param}: contains a lone UTF-16 surrogate ({char}); send valid "
+                                  "Unicode (surrogates only in complete pairs)", {"param": bad_text[0], "char": bad_text[1]})
     bad = unsupported_params(body, kind)
     if bad:
         hints = "; ".join(dict.fromkeys(_HINTS[k] for k in bad if k in _HINTS))
@@ -135,7 +165,7 @@ class _Sampling(_Strict):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # what the workers' generators take
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -215,6 +245,8 @@ def error_message(exc: ValidationError) -> tuple[str | None, str]:
     first = exc.errors()[0]
     if first["type"] == "unsupported_parameter":  # the message names them all; param is the first
         return first["ctx"]["names"].split(", ")[0], first["msg"]
+    if first["type"] == "invalid_unicode":  # found by walking the body: the error has no loc
+        return first["ctx"]["param"], first["msg"]
     param = ".".join(str(p) for p in first["loc"]) or None
     return param, f"{param}: {first['msg']}" if param else first["msg"]
 

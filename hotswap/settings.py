@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     presign_expiry_s: int = Field(default=3600, ge=60)
 
     max_upload_mb: int = Field(default=40960, ge=1, description="Largest adapter / fine-tune upload accepted.")
+    max_request_mb: int = Field(default=4, ge=1, description="Largest JSON request body (chat, completions, ...); longer prompts cannot fit a context anyway.")
     max_batch_file_mb: int = Field(default=200, ge=1, description="Largest batch input file (POST /v1/files) accepted.")
 
     # Worker-side adapter disk cache

@@ -7,7 +7,7 @@ light: the `tokenizers` Rust library and jinja2 only.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import jinja2
@@ -34,6 +34,13 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for: a prompt of n characters is at least
+        n / max_token_chars tokens, so a longer one is refused without tokenizing it. A vocab entry's
+        length is an upper bound (byte-level BPE spells each byte as one character)."""
+        return max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
+
     @property
     def eos_token_id(self) -> int | None:
         return self._tok.token_to_id(self.eos_token) if self.eos_token else None
@@ -48,12 +55,15 @@ class Tokenizer:
         """Render messages to the prompt text the model was trained on (as transformers does)."""
         if not self.chat_template:
             raise ValueError("this model has no chat template: send a plain prompt instead")
-        return _compile(self.chat_template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+        try:
+            return _compile(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except jinja2.TemplateError as exc:  # raise_exception() in the template: the conversation is refused
+            raise ValueError(f"the chat template refused the conversation: {exc}") from None
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         # The template already writes special tokens: do not add them twice.

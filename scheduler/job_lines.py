@@ -9,15 +9,20 @@ Requests that pass go to `sink` in file order, ready to queue (priority "batch")
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
+from hotswap import safe_json
 from hotswap.openai_schemas import ChatCompletionRequest, CompletionRequest, error_message
 from hotswap.protocol import GenerationRequest
 from scheduler.prepare import PrepareError, ServedModel, build_request
+
+log = logging.getLogger("hotswap.jobs")
 
 MAX_LISTED_ERRORS = 100
 LINE_KEYS = ("custom_id", "method", "url", "body")
@@ -84,7 +89,7 @@ def validate_lines(lines: Iterable[bytes], *, endpoint: str, tenant: str, batch_
                         f"takes on this server (HOTSWAP_BATCH_MAX_LINES); split it into several batches")
             break
         try:
-            obj = json.loads(raw)
+            obj = safe_json.loads(raw)
         except UnicodeDecodeError:
             _structural(v, number, "invalid_json_line", "not valid UTF-8")
             continue
@@ -137,7 +142,8 @@ def _prepare(v: Validation, custom_id: str, body: dict, model_cls, tenant: str, 
         parsed = model_cls.model_validate(body)
     except ValidationError as exc:
         param, message = error_message(exc)
-        code = "unsupported_parameter" if exc.errors()[0]["type"] == "unsupported_parameter" else None
+        kind = exc.errors()[0]["type"]
+        code = kind if kind in ("unsupported_parameter", "invalid_unicode") else None
         v.refused.append(refused_line(custom_id, 400, message, param, code))
         return None
     if parsed.stream:
@@ -149,4 +155,10 @@ def _prepare(v: Validation, custom_id: str, body: dict, model_cls, tenant: str, 
                              custom_id=custom_id)
     except PrepareError as exc:
         v.refused.append(refused_line(custom_id, exc.status, exc.message, exc.param, exc.code))
-        return None
+    except (RedisError, OSError):
+        raise  # the infrastructure, not this line: the whole validation is retried
+    except Exception:  # our fault, but this line's alone: it goes to the error file, the batch runs on
+        log.exception("batch %s: line %r could not be prepared", batch_id, custom_id)
+        v.refused.append(refused_line(custom_id, 500, "internal error preparing this request; the server logged "
+                                      "the details", None, "internal_error"))
+    return None

@@ -33,6 +33,8 @@ import threading
 import time
 import uuid
 
+from redis.exceptions import RedisError
+
 from hotswap.files import FileNotFound
 from hotswap.protocol import GenerationRequest, GenerationResult
 from hotswap.storage import StorageError
@@ -48,6 +50,7 @@ log = logging.getLogger("hotswap.jobs")
 
 LEASE_S = 15.0
 COLLECT_CHUNK = 1000
+VALIDATION_ATTEMPTS = 3  # a validation that raised this often in a row fails its batch instead of looping
 
 _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
@@ -72,6 +75,7 @@ class JobRunner:
         self.prepared = PreparedReader(store)
         self._cancel_sent: set[str] = set()
         self._waiting: set[str] = set()  # jobs we said cannot be validated yet (said once)
+        self._validation_failures: dict[str, int] = {}  # job id -> validations that raised in a row
         self.stop_event = threading.Event()
 
     @classmethod
@@ -118,8 +122,11 @@ class JobRunner:
                 self.step(tenant, batch_id)
             except LockLost:
                 return 0
+            except RedisError:
+                log.exception("batch %s: step failed on Redis (retried next round)", batch_id)
             except Exception:
                 log.exception("batch %s: step failed (retried next round)", batch_id)
+                self._give_up_validating(tenant, batch_id)
         return len(members)
 
     def acquire(self) -> bool:
@@ -238,6 +245,19 @@ class JobRunner:
         new = self._update(record, change)
         log.info("batch %s: %d requests, %d refused, now %s", record.id, result.total, len(result.refused), new.status)
         return new
+
+    def _give_up_validating(self, tenant: str, batch_id: str) -> None:
+        """A validation that keeps raising is our bug, not the file's: after VALIDATION_ATTEMPTS the
+        batch fails with a server error instead of retrying every round until it expires."""
+        failures = self._validation_failures[batch_id] = self._validation_failures.get(batch_id, 0) + 1
+        if failures < VALIDATION_ATTEMPTS:
+            return
+        record = self.jobs.get(tenant, batch_id)
+        if record.status == "validating":
+            self._fail(record, [{"code": "internal_error", "message": f"the server failed to validate this batch "
+                                 f"{failures} times and logged why; retry it, or report it if it fails again",
+                                 "param": None, "line": None}])
+        self._validation_failures.pop(batch_id, None)
 
     def _fail(self, record: JobRecord, errors: list[dict]) -> JobRecord:
         self.store.delete_prefix(job_prefix(record.tenant, record.id))

@@ -45,25 +45,45 @@ def resolve_target(model: str, tenant: str, base_model: str, registry) -> ModelT
     return ModelTarget(kind=record.kind, ref=f"{tenant}/{record.ref}", digest=record.digest)
 
 
+def check_prompt_chars(body: ChatCompletionRequest | CompletionRequest, tokenizer, max_model_len: int) -> None:
+    """Refuse a prompt that cannot fit the context before tokenizing it, by its character count:
+    tokenizing costs time in proportion to the text, refusing this way does not."""
+    if isinstance(body, ChatCompletionRequest):
+        chars, param = sum(len(m.text) for m in body.messages), "messages"
+    elif isinstance(body.prompt, str):
+        chars, param = len(body.prompt), "prompt"
+    else:
+        return  # token ids: counted exactly below
+    most = max_model_len * tokenizer.max_token_chars
+    if chars > most:
+        raise PrepareError(400, f"This model's maximum context length is {max_model_len} tokens, at most {most:,} "
+                                f"characters of text; your prompt has {chars:,}. Shorten the prompt.", param=param,
+                           code="context_length_exceeded")
+
+
 def prompt_tokens(body: ChatCompletionRequest | CompletionRequest, tokenizer) -> list[int]:
     if isinstance(body, ChatCompletionRequest):
         messages = [{"role": m.role, "content": m.text} for m in body.messages]
         try:
             return tokenizer.encode_chat(messages)
-        except ValueError as exc:  # no template, or the template refused the conversation
+        except (ValueError, TypeError, UnicodeError) as exc:  # no template, a refusal, untokenizable text
             raise PrepareError(400, f"messages: {exc}", param="messages") from None
     if isinstance(body.prompt, list):
         if any(t >= tokenizer.vocab_size for t in body.prompt):
             raise PrepareError(400, f"prompt: token ids must be below the vocabulary size {tokenizer.vocab_size}",
                                param="prompt")
         return list(body.prompt)
-    return tokenizer.encode(body.prompt)
+    try:
+        return tokenizer.encode(body.prompt)
+    except (TypeError, UnicodeError) as exc:  # text the schema let through but the tokenizer cannot take
+        raise PrepareError(400, f"prompt: cannot be tokenized ({exc})", param="prompt") from None
 
 
 def build_request(body: ChatCompletionRequest | CompletionRequest, tenant: str, served: ServedModel, registry, *,
                   priority: Priority = "realtime", batch_id: str | None = None,
                   custom_id: str | None = None) -> GenerationRequest:
     target = resolve_target(body.model, tenant, served.base_model, registry)
+    check_prompt_chars(body, served.tokenizer, served.max_model_len)
     tokens = prompt_tokens(body, served.tokenizer)
     if not tokens:
         raise PrepareError(400, "the prompt is empty", param="prompt")

@@ -10,7 +10,6 @@ for is checked later, by POST /v1/batches, which knows the models. Another tenan
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Annotated
 from urllib.parse import quote
@@ -20,6 +19,7 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import SettingsDep, TenantDep, get_files
 from api.errors import APIError
+from hotswap import safe_json
 from hotswap.files import FileNotFound
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -48,7 +48,7 @@ def check_jsonl(stream, limit_mb: int) -> int:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = safe_json.loads(line)
         except UnicodeDecodeError:
             raise APIError(400, f"file: line {number} is not valid UTF-8", param="file") from None
         except ValueError as exc:

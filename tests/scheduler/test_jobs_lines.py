@@ -68,6 +68,8 @@ ENVELOPE_CASES = {
     "body missing": (line(body=...), "missing_required_parameter", "body"),
     "body not an object": (line(body="hello"), "invalid_body", "body"),
     "unknown key": (line(priority="high"), "unsupported_parameter", "priority"),
+    "nested 50,000 deep": (b'{"custom_id": "a", "body": ' + b"[" * 50_000 + b"]" * 50_000 + b"}\n",
+                           "invalid_json_line", None),
 }
 
 
@@ -119,6 +121,13 @@ BODY_CASES = {
     "max_tokens as a string": ({"model": BASE, "messages": MSG, "max_tokens": "5"}, 400, "max_tokens", None),
     "messages missing": ({"model": BASE}, 400, "messages", None),
     "model missing": ({"messages": MSG}, 400, "model", None),
+    "lone surrogate in a message": ({"model": BASE, "messages": [{"role": "user", "content": "hi \ud800 there"}]},
+                                    400, "messages.0.content", "invalid_unicode"),
+    "lone surrogate in a stop": ({"model": BASE, "messages": MSG, "stop": ["\udc80"]}, 400, "stop.0",
+                                 "invalid_unicode"),
+    "seed past int64": ({"model": BASE, "messages": MSG, "seed": 2**64}, 400, "seed", None),
+    "prompt over the context by characters": ({"model": BASE, "messages": [{"role": "user", "content": "x" * 30_000}]},
+                                              400, "messages", "context_length_exceeded"),
 }
 
 
@@ -188,3 +197,35 @@ def test_lines_may_name_different_models(judge, registry, adapter_dir, demo_mode
     assert [(r.custom_id, r.target.key) for r in sink] == [
         ("base", "base"), ("lora", f"lora:acme/{record.ref}"), ("pinned", f"lora:acme/{record.ref}")]
     assert [json.loads(r)["response"]["status_code"] for r in v.refused] == [404]  # another tenant's adapter
+
+
+def test_completions_line_with_a_lone_surrogate(judge):
+    url = "/v1/completions"
+    v, sink = judge([line("p", url=url, body={"model": BASE, "prompt": "hi \udc80"}),
+                     line("q", url=url, body={"model": BASE, "prompt": "Hello"})], endpoint=url)
+    assert v.ok and [r.custom_id for r in sink] == ["q"]
+    error = json.loads(v.refused[0])["response"]["body"]["error"]
+    assert (error["param"], error["code"]) == ("prompt", "invalid_unicode")
+
+
+def test_a_line_that_breaks_our_code_goes_to_the_error_file_alone(registry, demo_tokenizer, monkeypatch):
+    """One error boundary per line: an unexpected exception while preparing one line refuses that
+    line with a 500 and the rest of the batch runs (it used to wedge the batch in validating)."""
+    import scheduler.job_lines as job_lines
+
+    real = job_lines.build_request
+
+    def breaks_on_poison(body, *args, **kwargs):
+        if body.messages[0].text == "poison":
+            raise TypeError("a bug in our code")
+        return real(body, *args, **kwargs)
+
+    monkeypatch.setattr(job_lines, "build_request", breaks_on_poison)
+    sink = []
+    v = validate_lines([line("ok1"), line("bad", body={"model": BASE, "messages": [{"role": "user", "content": "poison"}]}),
+                        line("ok2")], endpoint=CHAT, tenant="acme", batch_id="batch_x",
+                       served=ServedModel(BASE, demo_tokenizer, 256), registry=registry, max_lines=10, sink=sink.append)
+    assert v.ok and [r.custom_id for r in sink] == ["ok1", "ok2"]
+    (refused,) = [json.loads(r) for r in v.refused]
+    assert refused["custom_id"] == "bad" and refused["response"]["status_code"] == 500
+    assert refused["response"]["body"]["error"]["code"] == "internal_error"
