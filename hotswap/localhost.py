@@ -14,7 +14,11 @@ def free_port() -> int:
 
 
 def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now. SO_REUSEADDR, as redis-server and uvicorn set
+    it, so a port left only with TIME_WAIT connections of a server that stopped counts as free; on
+    Linux a live listener still makes the bind fail."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -11,9 +11,19 @@
 Children run in their own process groups, so Ctrl-C reaches only this supervisor, which stops
 them in order: API (no new requests), workers (SIGTERM: they drain), scheduler, then Redis
 (SHUTDOWN SAVE), waiting for each; a second Ctrl-C kills what is left. On Linux each child also
-gets SIGTERM if the supervisor itself dies. A child that exits on its own is reported (with the
-end of its log) and everything stops, exit code 1. Logs: DATA_DIR/logs/<name>.log; the API's
-access log stays on the terminal. DATA_DIR/up.json says what runs (pids, ports) while it runs.
+gets SIGTERM if the supervisor itself dies. Logs: DATA_DIR/logs/<name>.log; the API's access log
+stays on the terminal. DATA_DIR/up.json says what runs (pids, restarts, ports) while it runs.
+
+A child that dies once the stack is up (kill -9, the OOM killer, a crash) is restarted, like
+compose's `restart: unless-stopped`, with the backoff of `RestartPolicy`: 1 s, 2 s, 4 s ... at most
+30 s while it keeps dying, forgotten once it stayed up 60 s; each death and restart is a line on the
+terminal and in the child's log. A dead worker's requests go back to their queues through the
+scheduler's reaper once its lease lapses. Only Ctrl-C / SIGTERM stops the stack, or a child whose
+restarts keep failing (it died 6 times in a row, each within 60 s of starting), or Redis dying: it
+holds every queue and request, and the other processes cannot carry on without it (its data stays
+in DATA_DIR/redis; run `hotswap up` again). Those stop everything in order, exit code 1, with the
+end of the child's log. A child that dies during startup stops everything the same way: that is
+a problem to fix (its log says which), not one to retry.
 """
 
 from __future__ import annotations
@@ -43,12 +53,40 @@ class UpError(Exception):
     """Something the user can fix: printed as one line, exit code 1."""
 
 
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When a dead child is restarted, and when to stop trying. `deaths` counts the child's deaths
+    in a row: a death after `healthy_after_s` up starts a new count at 1."""
+
+    first_delay_s: float = 1.0
+    max_delay_s: float = 30.0
+    healthy_after_s: float = 60.0
+    max_failed_restarts: int = 5  # restarts that died again within healthy_after_s, in a row
+
+    def deaths_in_a_row(self, before: int, uptime_s: float) -> int:
+        return 1 if uptime_s >= self.healthy_after_s else before + 1
+
+    def next_delay(self, deaths: int) -> float:
+        """Seconds to wait before restarting a child that died `deaths` times in a row (1, 2, 4, ...)."""
+        return min(self.max_delay_s, self.first_delay_s * 2 ** min(max(deaths, 1) - 1, 30))
+
+    def give_up(self, deaths: int) -> bool:
+        return deaths - 1 >= self.max_failed_restarts  # the first death is not a failed restart
+
+
 @dataclass
 class Child:
     name: str
     proc: subprocess.Popen
     log: Path
     stop_timeout_s: float = 30.0
+    cmd: list[str] = field(default_factory=list)  # how to start it again
+    env: dict | None = None
+    stdout_to_terminal: bool = False
+    started_at: float = field(default_factory=time.monotonic)
+    deaths: int = 0  # in a row (RestartPolicy)
+    restarts: int = 0
+    restart_at: float | None = None  # dead, to be restarted then (time.monotonic())
 
 
 @dataclass
@@ -60,6 +98,8 @@ class Up:
     workers: int = 1
     startup_timeout_s: float = 600.0
     hotswap_cmd: list[str] = field(default_factory=lambda: list(HOTSWAP))  # how children run `hotswap`
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    poll_s: float = 0.5  # how often the supervisor looks at its children
     children: list[Child] = field(default_factory=list)
     redis_child: Child | None = None
 
@@ -205,14 +245,18 @@ class Up:
     def _spawn(self, name: str, cmd: list[str], env: dict | None, *, stdout_to_terminal: bool = False,
                stop_timeout_s: float = 30.0) -> Child:
         log_path = self.logs / f"{name}.log"
+        proc = self._popen(cmd, env, log_path, stdout_to_terminal)
+        return Child(name, proc, log_path, stop_timeout_s, cmd=cmd, env=env, stdout_to_terminal=stdout_to_terminal)
+
+    @staticmethod
+    def _popen(cmd: list[str], env: dict | None, log_path: Path, stdout_to_terminal: bool) -> subprocess.Popen:
         log = open(log_path, "ab")
         try:
-            proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
+            return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
                                     stdout=None if stdout_to_terminal else log, stderr=log,
                                     preexec_fn=_own_group_dies_with_parent(os.getpid()))
         finally:
             log.close()  # the child has its own copy
-        return Child(name, proc, log_path, stop_timeout_s)
 
     def _spawn_hotswap(self, name: str, args: list[str], env: dict, **kw) -> Child:
         child = self._spawn(name, self.hotswap_cmd + args, env, **kw)
@@ -222,7 +266,8 @@ class Up:
     def _write_state(self) -> None:
         state = {"pid": os.getpid(), "api": f"http://{self.host}:{self.port}", "redis_url": self.redis_url,
                  "logs": str(self.logs),
-                 "children": {c.name: c.proc.pid for c in [self.redis_child, *self.children] if c is not None}}
+                 "children": {c.name: c.proc.pid for c in [self.redis_child, *self.children] if c is not None},
+                 "restarts": {c.name: c.restarts for c in self.children}}
         self.state_file.write_text(json.dumps(state, indent=2) + "\n")
 
     def _api_key(self, client) -> str:
@@ -310,19 +355,64 @@ class Up:
                 return child
         return None
 
-    def _report_death(self, child: Child) -> None:
-        err.print(f"[bold red]error:[/] {child.name} exited unexpectedly with code {child.proc.returncode}; "
+    def _report_death(self, child: Child, why: str = "") -> None:
+        err.print(f"[bold red]error:[/] {child.name} {how_it_ended(child.proc.returncode)}{why}; "
                   f"stopping everything. End of {child.log}:")
         err.print(tail(child.log), markup=False)
 
     def _supervise(self) -> int:
-        while not self.stopping.wait(0.5):
-            dead = self._dead_child()
-            if dead is not None:
-                self._report_death(dead)
+        """Until Ctrl-C / SIGTERM (0), restarting children that die; 1 when Redis dies or a child
+        keeps dying."""
+        while not self.stopping.wait(self.poll_s):
+            if self.redis_child is not None and self.redis_child.proc.poll() is not None:
+                self._report_death(self.redis_child, f" (it holds every queue and request: run `hotswap up` "
+                                                     f"again; its data is in {self.data_dir / 'redis'})")
                 return 1
+            now = time.monotonic()
+            for child in self.children:
+                if child.restart_at is None and child.proc.poll() is not None:
+                    if not self._schedule_restart(child, now):
+                        return 1
+                elif child.restart_at is not None and now >= child.restart_at:
+                    self._restart(child)
         err.print(f"\n{self.signal_name}: stopping (Ctrl-C again to kill)")
         return 0
+
+    def _schedule_restart(self, child: Child, now: float) -> bool:
+        """A child died: note it and plan its restart. False when its restarts keep failing."""
+        policy = self.restart_policy
+        uptime = now - child.started_at
+        child.deaths = policy.deaths_in_a_row(child.deaths, uptime)
+        how = f"{child.name} (pid {child.proc.pid}) {how_it_ended(child.proc.returncode)} after {uptime:.0f} s up"
+        if policy.give_up(child.deaths):
+            self._note(child, f"{how}; {child.deaths} deaths in a row, each within "
+                              f"{policy.healthy_after_s:.0f} s of starting: giving up")
+            self._report_death(child, f", again: its last {child.deaths - 1} restarts failed")
+            return False
+        delay = policy.next_delay(child.deaths)
+        child.restart_at = now + delay
+        self._note(child, f"{how}; restarting it in {delay:g} s (log: {child.log})")
+        return True
+
+    def _restart(self, child: Child) -> None:
+        # Spawned from the main thread, as at startup: PR_SET_PDEATHSIG fires when the spawning
+        # *thread* ends, so a child started from a short-lived thread would be sent SIGTERM.
+        child.restart_at = None
+        child.restarts += 1
+        child.proc = self._popen(child.cmd, child.env, child.log, child.stdout_to_terminal)
+        child.started_at = time.monotonic()
+        self._note(child, f"restarted {child.name} (restart {child.restarts}): pid {child.proc.pid}")
+        self._write_state()
+
+    def _note(self, child: Child, message: str) -> None:
+        """A supervisor's line about a child: on the terminal and in the child's log."""
+        line = f"{_now()} hotswap up: {message}"
+        err.print(line, style="yellow", markup=False)
+        try:
+            with open(child.log, "a") as log:
+                log.write(f"\n{line}\n")
+        except OSError:
+            pass
 
     # -- stopping -----------------------------------------------------------------------------------
 
@@ -360,6 +450,20 @@ class Up:
             redis.Redis.from_url(self.redis_url, socket_timeout=30).shutdown(save=True)
         except redis.ConnectionError:
             pass  # the server closes the connection as it exits
+
+
+def how_it_ended(returncode: int) -> str:
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"was killed by {name}" + (" (kill -9 or the out-of-memory killer)" if name == "SIGKILL" else "")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _connect_host(host: str) -> str:
