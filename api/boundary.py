@@ -3,8 +3,9 @@
 - `BodyLimit` refuses a body over its route's limit before reading it (Content-Length), or as soon
   as a chunked body runs over, with a 413 in the error envelope: refusing costs the same whatever
   the size sent.
-- `ErrorBoundary` turns any exception that escaped a route into that request's own answer: a 503
-  with Retry-After when Redis is unreachable (a restart, a failover), else a logged 500. It never
+- `ErrorBoundary` turns any exception that escaped a route into that request's own answer: a 400
+  for a lone surrogate that slipped past validation into a UTF-8 encoder, a 503 with Retry-After
+  when Redis is unreachable (a restart, a failover), else a logged 500. It never
   re-raises, so the server keeps the connection and every other request untouched (Starlette's
   catch-all handler re-raises after answering, and uvicorn then drops the keep-alive connection).
 """
@@ -97,6 +98,10 @@ class ErrorBoundary:
             if started:  # the status is sent; the stream's own handler should have ended it cleanly
                 log.exception("%s failed after its response started", where)
                 return
+            if isinstance(exc, UnicodeEncodeError) and "surrogate" in exc.reason:  # a client's text we missed
+                log.warning("%s: lone surrogate reached %s", where, exc)
+                return await _send_json(send, 400, envelope(400, "the request holds a lone UTF-16 surrogate; send "
+                                                                  "valid Unicode", code="invalid_unicode"))
             if redis_unavailable(exc):
                 log.warning("%s: Redis unavailable: %s", where, exc)
                 return await _send_json(send, 503, envelope(503, "the queue store is unreachable right now; retry in "

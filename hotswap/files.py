@@ -79,7 +79,8 @@ def _safe_filename(filename: str) -> str:
 
 
 def _clean_filename(filename: str) -> str:
-    name = "".join(c for c in filename if unicodedata.category(c) != "Cc").strip()[:MAX_FILENAME]
+    # No control characters, and no lone surrogates (they cannot be stored as UTF-8).
+    name = "".join(c for c in filename if unicodedata.category(c) not in ("Cc", "Cs")).strip()[:MAX_FILENAME]
     return name or "file"
 
 

@@ -101,6 +101,15 @@ def lone_surrogate(value: Any) -> tuple[str, str] | None:
     return None
 
 
+def refuse_lone_surrogates(body: Any) -> Any:
+    """A before-validator for request bodies: an "invalid_unicode" error naming where the bad text is."""
+    bad_text = lone_surrogate(body)
+    if bad_text:
+        raise PydanticCustomError("invalid_unicode", "{param}: contains a lone UTF-16 surrogate ({char}); send valid "
+                                  "Unicode (surrogates only in complete pairs)", {"param": bad_text[0], "char": bad_text[1]})
+    return body
+
+
 def _printable(key: Any) -> str:
     return str(key).encode("utf-8", "backslashreplace").decode("utf-8")
 
@@ -110,10 +119,7 @@ def _refuse_unsupported(body: Any, kind: Kind) -> Any:
     then drop the harmless extras."""
     if not isinstance(body, dict):
         return body
-    bad_text = lone_surrogate(body)
-    if bad_text:
-        raise PydanticCustomError("invalid_unicode", "{param}: contains a lone UTF-16 surrogate ({char}); send valid "
-                                  "Unicode (surrogates only in complete pairs)", {"param": bad_text[0], "char": bad_text[1]})
+    refuse_lone_surrogates(body)
     bad = unsupported_params(body, kind)
     if bad:
         hints = "; ".join(dict.fromkeys(_HINTS[k] for k in bad if k in _HINTS))

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from hotswap import safe_json
-from hotswap.openai_schemas import ChatCompletionRequest, CompletionRequest, error_message
+from hotswap.openai_schemas import ChatCompletionRequest, CompletionRequest, error_message, lone_surrogate
 from hotswap.protocol import GenerationRequest
 from scheduler.prepare import PrepareError, ServedModel, build_request
 
@@ -106,8 +106,9 @@ def validate_lines(lines: Iterable[bytes], *, endpoint: str, tenant: str, batch_
         custom_id = obj.get("custom_id")
         if custom_id is None:
             _structural(v, number, "missing_required_parameter", "custom_id is required", "custom_id")
-        elif not isinstance(custom_id, str) or not custom_id:
-            _structural(v, number, "invalid_custom_id", "custom_id must be a non-empty string", "custom_id")
+        elif not isinstance(custom_id, str) or not custom_id or lone_surrogate(custom_id):
+            _structural(v, number, "invalid_custom_id", "custom_id must be a non-empty string of valid Unicode",
+                        "custom_id")
         elif custom_id in seen:
             _structural(v, number, "duplicate_custom_id", f"custom_id {custom_id!r} is already used on line "
                         f"{seen[custom_id]}; each request needs its own", "custom_id")

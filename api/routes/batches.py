@@ -12,11 +12,12 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from api.deps import SettingsDep, TenantDep, get_files
 from api.errors import APIError
 from hotswap.files import FileNotFound
+from hotswap.openai_schemas import refuse_lone_surrogates
 from scheduler.jobs import ENDPOINTS, JobNotFound, JobStateError, check_metadata
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -34,6 +35,8 @@ class BatchCreate(BaseModel):
     completion_window: str
     metadata: dict | None = None
     output_expires_after: dict | None = None  # accepted and ignored: result files are kept until deleted
+
+    _valid_text = model_validator(mode="before")(refuse_lone_surrogates)
 
 
 def _get(jobs, tenant: str, batch_id: str):

@@ -149,3 +149,14 @@ def test_bad_lines_go_to_the_error_file_and_the_batch_runs(live_stack):
     assert out == {"ok-1", "ok-2"} and set(errors) == {"surrogate", "seed"}
     assert errors["surrogate"]["response"]["body"]["error"]["param"] == "messages.0.content"
     assert errors["seed"]["response"]["body"]["error"]["param"] == "seed"
+
+
+@pytest.mark.parametrize("body, param", [
+    (b'{"input_file_id": "file-\\ud800", "endpoint": "/v1/chat/completions", "completion_window": "24h"}',
+     "input_file_id"),
+    (b'{"input_file_id": "file-x", "endpoint": "/v1/chat/completions", "completion_window": "24h", '
+     b'"metadata": {"team": "\\udc80"}}', "metadata.team"),
+])
+def test_a_batch_with_a_lone_surrogate_is_a_400(live_stack, body, param):
+    err = error_of(post(live_stack, "/v1/batches", body), 400)
+    assert err["param"] == param and err["code"] == "invalid_unicode"

@@ -61,6 +61,7 @@ ENVELOPE_CASES = {
     "custom_id missing": (line(custom_id=...), "missing_required_parameter", "custom_id"),
     "custom_id not a string": (line(custom_id=5), "invalid_custom_id", "custom_id"),
     "custom_id empty": (line(custom_id=""), "invalid_custom_id", "custom_id"),
+    "custom_id with a lone surrogate": (line(custom_id="a\ud800"), "invalid_custom_id", "custom_id"),
     "method GET": (line(method="GET"), "invalid_method", "method"),
     "method missing": (line(method=...), "invalid_method", "method"),
     "url of another endpoint": (line(url="/v1/completions"), "invalid_url", "url"),
