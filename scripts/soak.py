@@ -10,8 +10,9 @@ Phases: (1) a local stack (scripts/_stack.py: redis-server, scheduler, --workers
 closed loop of --capacity-concurrency streams for --capacity-s seconds; capacity = requests finished
 per second over the last two thirds of that window. (3) Load: Poisson arrivals at --load x capacity
 for --duration seconds over the model mix (base + adapters, greedy, fixed prompt/output lengths),
-every request streamed. At --kill-at x duration, worker 0 gets SIGKILL (its in-flight requests are
-noted from Redis); --restart-after seconds later a replacement starts, as a supervisor would.
+every request streamed. At each --kill-at share of the duration (0.5; 0.33,0.66 for two kills) a
+worker gets SIGKILL, worker 0 first, then 1, ... (its in-flight requests are noted from Redis);
+--restart-after seconds later a replacement starts, as a supervisor would.
 (4) Drain: every request sent gets its answer (or --timeout).
 
 Checks (exit code 1 when one fails):
@@ -205,14 +206,14 @@ class LocalHarness:
     def pids(self) -> dict[str, int]:
         return self.stack.pids()
 
-    def kill_worker(self) -> tuple[int, str | None]:
-        pid = self.stack.worker_pid(0)
+    def kill_worker(self, i: int) -> tuple[int, str | None]:
+        pid = self.stack.worker_pid(i)
         wid = next((w.id for w in self.stack.live_workers() if w.pid == pid), None)
-        self.stack.kill_worker(0, signal.SIGKILL)
+        self.stack.kill_worker(i, signal.SIGKILL)
         return pid, wid
 
-    def restart_worker(self) -> int | None:
-        return self.stack.start_worker(0)
+    def restart_worker(self, i: int) -> int | None:
+        return self.stack.start_worker(i)
 
     def server_tracebacks(self) -> dict[str, str]:
         from _stack import last_tracebacks
@@ -258,14 +259,14 @@ class RemoteHarness:
         out.update({k: int(v) for k, v in self.extra_pids.items()})
         return out
 
-    def kill_worker(self) -> tuple[int, str | None]:
+    def kill_worker(self, i: int) -> tuple[int, str | None]:  # the oldest local worker, whatever i
         workers = self._local_workers()
         if not workers:
             raise RuntimeError("no live worker on this host to kill (workers register their hostname and pid)")
         os.kill(workers[0].pid, signal.SIGKILL)
         return workers[0].pid, workers[0].id
 
-    def restart_worker(self) -> int | None:
+    def restart_worker(self, i: int) -> int | None:
         if self.restart_cmd:
             subprocess.Popen(self.restart_cmd, shell=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return None
@@ -408,7 +409,7 @@ async def load_phase(client: Client, rate: float, args, console) -> dict:
     models = assign_models(len(offsets), [(m, 1.0) for m in client.models], args.seed + 1)
     records: list[RequestRecord] = [RequestRecord(m, args.input_len, args.output_len) for m in models]
     t_end = [0.0] * len(records)
-    events: dict = {}
+    kills: list[dict] = []
     counts = {"errors": 0}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("errors {task.fields[errors]}  {task.fields[phase]}"), TimeElapsedColumn()]
@@ -418,24 +419,27 @@ async def load_phase(client: Client, rate: float, args, console) -> dict:
         return time.perf_counter() - start
 
     async def chaos() -> None:
-        await asyncio.sleep(args.kill_at * args.duration)
-        inflight_before = []
-        pid, wid = await asyncio.to_thread(client.h.kill_worker)
-        events["kill_t"] = clock()
-        if wid is not None:
-            from scheduler import keys
+        for n, share in enumerate(args.kill_at):  # worker 0, then 1, ...: each kill a different process
+            await asyncio.sleep(max(0.0, share * args.duration - clock()))
+            events: dict = {}
+            kills.append(events)
+            inflight_before = []
+            pid, wid = await asyncio.to_thread(client.h.kill_worker, n % args.workers)
+            events["kill_t"] = clock()
+            if wid is not None:
+                from scheduler import keys
 
-            inflight_before = [x.decode() for x in client.h.redis.smembers(keys.worker_inflight(wid))]
-        events.update(killed_pid=pid, killed_worker=wid, inflight_on_killed=inflight_before)
-        progress.update(task, phase=f"killed worker pid {pid} at {events['kill_t']:.0f} s")
-        await asyncio.sleep(args.restart_after)
-        events["restart_t"] = clock()
-        events["replacement_pid"] = await asyncio.to_thread(client.h.restart_worker)
-        progress.update(task, phase="replacement starting")
-        # the killed worker still counts as live until its lease lapses: count the others
-        await asyncio.to_thread(client.h.wait_workers, args.workers, args.timeout, {wid} - {None})
-        events["replacement_live_t"] = clock()
-        progress.update(task, phase=f"replacement live at {events['replacement_live_t']:.0f} s")
+                inflight_before = [x.decode() for x in client.h.redis.smembers(keys.worker_inflight(wid))]
+            events.update(killed_pid=pid, killed_worker=wid, inflight_on_killed=inflight_before)
+            progress.update(task, phase=f"killed worker pid {pid} at {events['kill_t']:.0f} s")
+            await asyncio.sleep(args.restart_after)
+            events["restart_t"] = clock()
+            events["replacement_pid"] = await asyncio.to_thread(client.h.restart_worker, n % args.workers)
+            progress.update(task, phase="replacement starting")
+            # the killed worker still counts as live until its lease lapses: count the others
+            await asyncio.to_thread(client.h.wait_workers, args.workers, args.timeout, {wid} - {None})
+            events["replacement_live_t"] = clock()
+            progress.update(task, phase=f"replacement live at {events['replacement_live_t']:.0f} s")
 
     async with http_client(args.timeout) as http:
         with Progress(*columns, console=console) as progress:
@@ -456,7 +460,7 @@ async def load_phase(client: Client, rate: float, args, console) -> dict:
             await asyncio.gather(*(one(i) for i in range(len(records))))
             if chaos_task is not None:
                 await chaos_task
-    return {"records": records, "t_end": t_end, "events": events, "offsets": offsets, "wall_s": clock()}
+    return {"records": records, "t_end": t_end, "kills": kills, "offsets": offsets, "wall_s": clock()}
 
 
 def read_stored(redis_client, ids: list[str]) -> dict[str, StoredResult]:
@@ -491,20 +495,22 @@ def stored_request_ids(redis_client) -> set[str]:
 
 
 def build_report(args, capacity, rate, load, memory: MemorySampler, stored, stored_ids, known_ids, lease_s) -> dict:
-    records, t_end, ev = load["records"], load["t_end"], load["events"]
-    windows = []
-    if "kill_t" in ev:
-        windows.append((ev["kill_t"], ev.get("replacement_live_t", load["wall_s"]) + lease_s + 5))
+    records, t_end, kills = load["records"], load["t_end"], load["kills"]
+    windows = [(ev["kill_t"], ev.get("replacement_live_t", load["wall_s"]) + lease_s + 5) for ev in kills]
     outcome = classify(records, t_end, windows)
     exactly_once = audit(records, stored, stored_ids, known_ids)
-    inflight = ev.get("inflight_on_killed", [])
     answered = {request_id(r.response_id): r for r in records if r.response_id}
-    ev["inflight_on_killed_answered_200"] = sum(1 for rid in inflight if rid in answered and answered[rid].success)
+    for ev in kills:
+        inflight = ev.pop("inflight_on_killed", [])
+        ev["inflight_on_killed"] = len(inflight)
+        ev["inflight_on_killed_answered_200"] = sum(1 for rid in inflight if rid in answered and answered[rid].success)
+    live_at = {ev["replacement_pid"]: ev.get("replacement_live_t", math.inf) for ev in kills
+               if ev.get("replacement_pid") is not None}
     mem = {}
     for name, samples in memory.series.items():  # clock: the load phase's start
-        if ev.get("replacement_pid") is not None and memory.pid_of[name] == ev["replacement_pid"]:
-            # the replacement loads the model first: judge it from --warm-s after it went live
-            samples = [x for x in samples if x[0] >= ev.get("replacement_live_t", math.inf) + args.warm_s]
+        if memory.pid_of[name] in live_at:
+            # a replacement loads the model first: judge it from --warm-s after it went live
+            samples = [x for x in samples if x[0] >= live_at[memory.pid_of[name]] + args.warm_s]
         growth = memory_growth(samples, args.rss_tolerance_mb, args.rss_tolerance_pct)
         # redis keeps results by design (see the docstring); two samples are too few to judge
         mem[name] = {**growth, "judged": not name.startswith("redis") and len(samples) >= 3} if growth else {}
@@ -523,14 +529,14 @@ def build_report(args, capacity, rate, load, memory: MemorySampler, stored, stor
         "no_unexpected_status": not outcome["bad_status"],
         "exactly_once": not exactly_once["problems"],
         "memory_flat": all(v.get("flat", True) for v in mem.values() if v.get("judged")),
-        "worker_replaced": not args.kill or "replacement_live_t" in ev,
+        "worker_replaced": not args.kill or (len(kills) == len(args.kill_at)
+                                             and all("replacement_live_t" in ev for ev in kills)),
     }
     return {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                    if k not in ("api_key", "stack_env", "pid")} | {"stack_env": dict(args.stack_env),
                                                                     "cpu_count": os.cpu_count()},
-        "capacity": capacity, "rate": rate, "events": {k: v for k, v in ev.items() if k != "inflight_on_killed"}
-        | {"inflight_on_killed": len(inflight)},
+        "capacity": capacity, "rate": rate, "kills": kills,
         "kill_windows": windows, "outcome": outcome, "exactly_once": exactly_once, "overall": overall,
         "per_minute": per_minute(records), "memory": mem, "redis_used_memory": redis_used,
         "checks": checks, "passed": all(checks.values()),
@@ -540,14 +546,14 @@ def build_report(args, capacity, rate, load, memory: MemorySampler, stored, stor
 def render(report: dict, console) -> None:
     from rich.table import Table
 
-    cap, o, x, ev = report["capacity"], report["outcome"], report["exactly_once"], report["events"]
+    cap, o, x = report["capacity"], report["outcome"], report["exactly_once"]
     if cap:
         console.print(f"capacity: {cap['requests_per_s']:.2f} req/s ({cap['output_tokens_per_s']:.1f} output tok/s) "
                       f"with {cap['concurrency']} streams over {cap['window_s']:.0f} s")
     console.print(f"load: {report['rate']:.2f} req/s Poisson for {report['config']['duration']:.0f} s; "
                   f"sent {o['sent']}, ok {o['ok']}, refused {o['refused'] or 0}, lost {len(o['lost'])}, "
                   f"unexpected status {len(o['bad_status'])}; statuses {o['status_counts']}")
-    if "kill_t" in ev:
+    for ev in report["kills"]:
         console.print(f"kill: worker pid {ev['killed_pid']} SIGKILL at {ev['kill_t']:.1f} s with "
                       f"{ev['inflight_on_killed']} requests in flight ({ev['inflight_on_killed_answered_200']} of them "
                       f"answered 200); replacement started at {ev.get('restart_t', float('nan')):.1f} s, live at "
@@ -608,7 +614,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--adapters", type=int, default=2, help="random LoRAs in the mix with the base model")
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--kill-at", type=float, default=0.5, help="kill worker 0 at this share of the duration")
+    p.add_argument("--kill-at", default="0.5", help="kill a worker at these shares of the duration, e.g. "
+                   "0.33,0.66 (worker 0, then 1, ...)")
     p.add_argument("--restart-after", type=float, default=5.0, help="seconds between the kill and the replacement")
     p.add_argument("--no-kill", dest="kill", action="store_false")
     p.add_argument("--sample-s", type=float, default=5.0, help="RSS sampling period")
@@ -641,8 +648,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--stack-env and --pid take NAME=VALUE")
     if args.url and not (args.redis_url and args.model):
         p.error("--url needs --redis-url (to audit results and find workers) and --model")
-    if not 0 < args.kill_at < 1 or not 0 < args.load <= 1.5 or args.duration <= 0:
-        p.error("need 0 < --kill-at < 1, 0 < --load <= 1.5, --duration > 0")
+    try:
+        args.kill_at = sorted(float(x) for x in str(args.kill_at).split(","))
+    except ValueError:
+        p.error("--kill-at takes shares of the duration, e.g. 0.5 or 0.33,0.66")
+    if not all(0 < k < 1 for k in args.kill_at) or not 0 < args.load <= 1.5 or args.duration <= 0:
+        p.error("need 0 < each --kill-at < 1, 0 < --load <= 1.5, --duration > 0")
     args.capacity_concurrency = args.capacity_concurrency or 8 * args.workers
     return args
 

@@ -133,7 +133,7 @@ def test_short_soak_with_a_worker_killed(soak, tmp_path, demo_model_dir):
     o = saved["outcome"]
     assert o["sent"] >= 1 and o["ok"] + sum(o["refused"].values()) == o["sent"] and not o["lost"]
     assert saved["exactly_once"]["checked"] == o["ok"] and not saved["exactly_once"]["problems"]
-    ev = saved["events"]
+    (ev,) = saved["kills"]
     assert ev["kill_t"] < ev["restart_t"] <= ev["replacement_live_t"]
     assert ev["inflight_on_killed_answered_200"] <= ev["inflight_on_killed"]
     names = " ".join(saved["memory"])
