@@ -13,8 +13,12 @@ ratio engine / transformers of generated tokens per second.
     python scripts/bench_engine.py --random-model llama3-8b # GPU: Llama-3-8B shape, random bf16 weights
 
 The default model is the demo model (`hotswap models fetch-demo`). `--random-model` writes a
-random-init model to a temp dir first (no tokenizer needed: prompts are token ids); on CUDA the
-engine row also shows the decode memory-bandwidth floor next to the measured decode step time.
+random-init model to a temp dir first (no tokenizer needed: prompts are token ids), or to
+`--random-model-dir`, where a finished one is reused (so several runs build it once). On CUDA
+(or anywhere with `--floor`) the report puts the decode step time next to its memory-bandwidth
+floor: the bytes a decode step must read (every weight once, plus the running sequences' KV)
+over the device copy bandwidth measured in the same run, and over the spec HBM bandwidth
+(`--hbm-gb-s`, known for a few GPUs), both overall and at the largest decode batch.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import gc
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -42,13 +47,22 @@ _LLAMA3_ROPE = {
     "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
 }
-# Shapes for --random-model. "llama3-tiny" is a CPU-sized stand-in that exercises the same path.
+# Shapes for --random-model (LlamaConfig fields over _RANDOM_DEFAULTS). "smollm2-135m" is the demo
+# model's shape; "llama3-tiny" is a CPU-sized stand-in that exercises the same path.
 RANDOM_MODELS = {
     "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                       intermediate_size=14336, vocab_size=128256),
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192,
+                         tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
     "llama3-tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                         intermediate_size=256, vocab_size=2048),
 }
+_RANDOM_DEFAULTS = dict(max_position_embeddings=131072, rms_norm_eps=1e-5, rope_parameters=_LLAMA3_ROPE,
+                        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_RANDOM_DONE = ".random-model"  # marker in a finished --random-model-dir: the shape and seed it holds
+# Spec HBM bandwidth (GB/s) by device name, for the second decode floor (--hbm-gb-s overrides).
+SPEC_HBM_GB_S = {"H200": 4800.0, "H100 80GB HBM3": 3350.0, "A100-SXM4-80GB": 2039.0}
 
 
 @dataclass
@@ -139,16 +153,27 @@ def build_random_model(name: str, out_dir: Path, device: torch.device, seed: int
     """Save a random-init bf16 Llama of the named shape (safetensors + config) into out_dir."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        **RANDOM_MODELS[name], max_position_embeddings=131072, rms_norm_eps=1e-5, rope_parameters=_LLAMA3_ROPE,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
+    config = LlamaConfig(**{**_RANDOM_DEFAULTS, **RANDOM_MODELS[name]})
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out_dir)
     del model
     release_memory(device)
+    return out_dir
+
+
+def ensure_random_model(name: str, out_dir: Path, device: torch.device, seed: int) -> Path:
+    """The random model in out_dir: reused when a finished one of this shape and seed is there, else built."""
+    out_dir = Path(out_dir)
+    stamp = f"{name} seed {seed}\n"
+    marker = out_dir / _RANDOM_DONE
+    if marker.exists() and marker.read_text() == stamp:
+        return out_dir
+    if out_dir.exists():  # another shape, or a build that was cut short
+        shutil.rmtree(out_dir)
+    build_random_model(name, out_dir, device, seed)
+    marker.write_text(stamp)
     return out_dir
 
 
@@ -222,13 +247,13 @@ def run_hf(model_dir: Path, workload: Workload, batch_size: int, device: torch.d
 # -- side B: the engine, continuous batching ------------------------------------------------------
 
 
-def peek_step(engine) -> tuple[bool, int]:
-    """Whether the next step is decode-only, and the context tokens its running sequences read."""
+def peek_step(engine) -> tuple[bool, int, int]:
+    """Whether the next step is decode-only, the context tokens its running sequences read, and how many run."""
     batcher = engine.batcher
     running = batcher.running
     admits = bool(batcher.waiting) and len(running) < batcher.max_num_seqs
     decode_only = bool(running) and not admits and all(s.num_uncomputed == 1 for s in running)
-    return decode_only, sum(s.num_tokens for s in running)
+    return decode_only, sum(s.num_tokens for s in running), len(running)
 
 
 def drive_engine(engine, workload: Workload) -> dict:
@@ -243,9 +268,9 @@ def drive_engine(engine, workload: Workload) -> dict:
            for p, m, a in zip(workload.prompts, workload.max_tokens, adapters)]
     index = {rid: i for i, rid in enumerate(ids)}
     counts, ttft = [0] * len(ids), [0.0] * len(ids)
-    step_s, decode_s, decode_ctx = [], [], []
+    step_s, decode_s, decode_ctx, decode_batch = [], [], [], []
     while engine.has_unfinished():
-        decode_only, ctx = peek_step(engine)
+        decode_only, ctx, batch = peek_step(engine)
         t0 = time.perf_counter()
         outputs = engine.step()  # ends in .tolist(): the step's device work is done when it returns
         t1 = time.perf_counter()
@@ -253,6 +278,7 @@ def drive_engine(engine, workload: Workload) -> dict:
         if decode_only:
             decode_s.append(t1 - t0)
             decode_ctx.append(ctx)
+            decode_batch.append(batch)
         for out in outputs:
             i = index[out.request_id]
             if counts[i] == 0:
@@ -263,7 +289,7 @@ def drive_engine(engine, workload: Workload) -> dict:
     if counts != workload.max_tokens:
         raise RuntimeError("the engine did not generate exactly max_tokens for every request")
     return {"wall": wall, "counts": counts, "ttft": ttft, "step_s": step_s, "decode_s": decode_s,
-            "decode_ctx": decode_ctx}
+            "decode_ctx": decode_ctx, "decode_batch": decode_batch}
 
 
 def make_engine(model_dir: Path, max_in_flight: int, device: torch.device, dtype: torch.dtype,
@@ -284,9 +310,10 @@ def make_engine(model_dir: Path, max_in_flight: int, device: torch.device, dtype
 
 
 def run_engine(model_dir: Path, workload: Workload, max_in_flight: int, device: torch.device,
-               dtype: torch.dtype, adapters: list[tuple[str, Path]] = (), engine=None) -> dict:
-    """One workload through the engine; pass `engine` to reuse a loaded one (it is then kept)."""
-    bandwidth = copy_bandwidth(device) if device.type == "cuda" and engine is None else None  # before the KV cache
+               dtype: torch.dtype, adapters: list[tuple[str, Path]] = (), engine=None,
+               bandwidth: float | None = None, spec_bandwidth: float | None = None) -> dict:
+    """One workload through the engine; pass `engine` to reuse a loaded one (it is then kept). With a
+    `bandwidth` (bytes/s) the report has the decode bandwidth floor (and with `spec_bandwidth` a second one)."""
     t_load = time.perf_counter()
     own = engine is None
     engine = engine or make_engine(model_dir, max_in_flight, device, dtype, adapters)
@@ -309,8 +336,9 @@ def run_engine(model_dir: Path, workload: Workload, max_in_flight: int, device: 
         "max_ttft_s": max(run["ttft"]),
         "kv_blocks": engine.blocks.num_blocks,
         "other_cpu_share": others,
-        # Only meaningful on a GPU (a CPU step is compute-bound); None elsewhere.
-        "decode_floor": decode_bandwidth_floor(engine, run["decode_ctx"], bandwidth) if bandwidth and decode else None,
+        # Only meaningful on a GPU (a CPU step is compute-bound): None unless a bandwidth is given.
+        "decode_floor": (decode_bandwidth_floor(engine, run, bandwidth, spec_bandwidth)
+                         if bandwidth and decode else None),
     }
     if own:
         del engine
@@ -318,8 +346,9 @@ def run_engine(model_dir: Path, workload: Workload, max_in_flight: int, device: 
     return report
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Device memory bandwidth in bytes/s from a large copy (each copy reads and writes nbytes)."""
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 5) -> float:
+    """Memory bandwidth in bytes/s from a large copy on the device (each copy reads and writes nbytes)."""
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 28)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -328,23 +357,50 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5
     for _ in range(repeats):
         dst.copy_(src)
     synchronize(device)
-    return 2 * nbytes * repeats / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    del src, dst
+    release_memory(device)
+    return 2 * nbytes * repeats / seconds
 
 
-def decode_bandwidth_floor(engine, decode_ctx: list[int], bandwidth: float) -> dict:
-    """Lower bound of a decode step: every weight once plus every running sequence's KV, at copy speed."""
+def spec_hbm_bandwidth(device: torch.device, override_gb_s: float | None) -> float | None:
+    """The device's spec HBM bandwidth in bytes/s: --hbm-gb-s, else SPEC_HBM_GB_S by name, else None."""
+    if override_gb_s:
+        return override_gb_s * 1e9
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((gb_s * 1e9 for key, gb_s in SPEC_HBM_GB_S.items() if key in name), None)
+
+
+def decode_bandwidth_floor(engine, run: dict, bandwidth: float, spec_bandwidth: float | None = None) -> dict:
+    """Lower bound of a decode step: every weight once plus every running sequence's KV, at copy speed
+    (and at the spec bandwidth); overall and over the steps that ran the largest decode batch."""
     model = engine.model
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if model.lm_head is not None:  # untied: the embedding is only gathered a row per token
         weight_bytes -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
     kv_per_token = engine.runner.kv_bytes_per_block(model, engine.config.block_size, engine.dtype)
     kv_per_token //= engine.config.block_size
-    mean_kv_bytes = kv_per_token * statistics.fmean(decode_ctx)
+
+    def floor(step_s: list[float], ctx: list[int]) -> dict:
+        kv_bytes = kv_per_token * statistics.fmean(ctx)
+        floor_ms = 1e3 * (weight_bytes + kv_bytes) / bandwidth
+        mean_ms = 1e3 * statistics.fmean(step_s)
+        spec_ms = 1e3 * (weight_bytes + kv_bytes) / spec_bandwidth if spec_bandwidth else None
+        return {"steps": len(step_s), "mean_ms": mean_ms, "mean_kv_gb": kv_bytes / 1e9, "floor_ms": floor_ms,
+                "x_floor": mean_ms / floor_ms, "spec_floor_ms": spec_ms,
+                "x_spec_floor": mean_ms / spec_ms if spec_ms else None}
+
+    batches = run["decode_batch"]
+    full = max(batches)
+    at_full = [(s, c) for s, c, b in zip(run["decode_s"], run["decode_ctx"], batches) if b == full]
     return {
         "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "spec_bandwidth_gb_s": spec_bandwidth / 1e9 if spec_bandwidth else None,
         "weight_gb": weight_bytes / 1e9,
-        "mean_kv_gb": mean_kv_bytes / 1e9,
-        "floor_ms": 1e3 * (weight_bytes + mean_kv_bytes) / bandwidth,
+        **floor(run["decode_s"], run["decode_ctx"]),
+        "full_batch": {"batch": full, **floor([s for s, _ in at_full], [c for _, c in at_full])},
     }
 
 
@@ -371,6 +427,7 @@ def table_rows(report: dict) -> list[tuple[str, str, str]]:
         ("decode-only steps", "-", _fmt(eng["decode_steps"], "d")),
         ("mean decode step (ms)", "-", _fmt(eng["mean_decode_step_ms"])),
         ("decode bandwidth floor (ms)", "-", _fmt(floor.get("floor_ms"))),
+        ("decode step / floor", "-", _fmt(floor.get("x_floor"), ".2f")),
         ("mean / max TTFT (s)", "-", f"{eng['mean_ttft_s']:.2f} / {eng['max_ttft_s']:.2f}"),
         ("model load (s)", _fmt(hf.get("load_s")), _fmt(eng["load_s"])),
     ]
@@ -401,6 +458,22 @@ def render_table(report: dict):
     return table
 
 
+def floor_lines(floor: dict) -> list[str]:
+    """The decode step against its bandwidth floor, overall and at the largest batch, in words."""
+    full = floor["full_batch"]
+    spec = floor["spec_bandwidth_gb_s"]
+    lines = [f"decode floor: {floor['weight_gb']:.2f} GB weights + {floor['mean_kv_gb']:.3f} GB KV per step "
+             f"(mean over {floor['steps']} decode steps) at {floor['copy_bandwidth_gb_s']:.0f} GB/s measured copy "
+             f"bandwidth = {floor['floor_ms']:.2f} ms; measured {floor['mean_ms']:.2f} ms = {floor['x_floor']:.2f}x"]
+    if spec:
+        lines.append(f"  at the {spec:.0f} GB/s spec HBM bandwidth: floor {floor['spec_floor_ms']:.2f} ms, "
+                     f"measured = {floor['x_spec_floor']:.2f}x")
+    lines.append(f"  at batch {full['batch']} ({full['steps']} steps, {full['mean_kv_gb']:.3f} GB KV): "
+                 f"{full['mean_ms']:.2f} ms vs floor {full['floor_ms']:.2f} ms = {full['x_floor']:.2f}x"
+                 + (f" ({full['x_spec_floor']:.2f}x the spec floor {full['spec_floor_ms']:.2f} ms)" if spec else ""))
+    return lines
+
+
 def print_report(report: dict) -> None:
     from rich.console import Console
 
@@ -408,8 +481,8 @@ def print_report(report: dict) -> None:
     console.print(render_table(report))
     floor = report["engine"].get("decode_floor")
     if floor is not None:
-        console.print(f"decode floor: {floor['weight_gb']:.2f} GB weights + {floor['mean_kv_gb']:.3f} GB KV per step "
-                      f"at {floor['copy_bandwidth_gb_s']:.0f} GB/s copy bandwidth")
+        for line in floor_lines(floor):
+            console.print(line)
     sides = [(name, report[key]["other_cpu_share"]) for name, key in (("transformers", "transformers"),
              ("engine", "engine")) if report[key] is not None and report[key]["other_cpu_share"] is not None]
     if any(share > 0.1 for _, share in sides):
@@ -426,6 +499,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, default=None, help="HF model dir (default: the demo model)")
     p.add_argument("--random-model", choices=sorted(RANDOM_MODELS), default=None,
                    help="benchmark a random-init model of this shape, saved to a temp dir (overrides --model)")
+    p.add_argument("--random-model-dir", type=Path, default=None,
+                   help="save the --random-model here instead, and reuse a finished one of the same shape and seed")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--min-prompt", type=int, default=16)
     p.add_argument("--max-prompt", type=int, default=512)
@@ -436,6 +511,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     p.add_argument("--skip-hf", action="store_true", help="engine only")
+    p.add_argument("--floor", action="store_true",
+                   help="measure the copy bandwidth and report the decode floor on CPU too (always done on CUDA)")
+    p.add_argument("--hbm-gb-s", type=float, default=None,
+                   help="spec HBM bandwidth for a second decode floor (default: known for " +
+                        ", ".join(SPEC_HBM_GB_S) + ")")
     p.add_argument("--quick", action="store_true", help="16 requests, prompts 16..128, tokens 16..64")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON")
     p.add_argument("--adapters", type=int, default=0,
@@ -465,6 +545,9 @@ def benchmark(args: argparse.Namespace, model_dir: Path) -> dict:
         base_config = json.loads((model_dir / "config.json").read_text())
         adapters = adapter_zoo(Path(args.adapter_dir), base_config, args.adapters, seed=args.seed)
         workload = assign_adapters(workload, [n for n, _ in adapters], args.seed)
+    floor = device.type == "cuda" or args.floor
+    bandwidth = copy_bandwidth(device) if floor else None  # before any model or KV cache takes the memory
+    spec = spec_hbm_bandwidth(device, args.hbm_gb_s) if floor else None
     hf = None if args.skip_hf else run_hf(model_dir, workload, args.max_in_flight, device, dtype, adapters)
     base_run = None
     if adapters:
@@ -472,13 +555,16 @@ def benchmark(args: argparse.Namespace, model_dir: Path) -> dict:
         t_load = time.perf_counter()
         engine = make_engine(model_dir, args.max_in_flight, device, dtype, adapters)
         load_s = time.perf_counter() - t_load
-        eng = run_engine(model_dir, workload, args.max_in_flight, device, dtype, engine=engine)
+        eng = run_engine(model_dir, workload, args.max_in_flight, device, dtype, engine=engine,
+                         bandwidth=bandwidth, spec_bandwidth=spec)
         eng["load_s"] = load_s
-        base_run = run_engine(model_dir, base_only(workload), args.max_in_flight, device, dtype, engine=engine)
+        base_run = run_engine(model_dir, base_only(workload), args.max_in_flight, device, dtype, engine=engine,
+                              bandwidth=bandwidth, spec_bandwidth=spec)
         del engine
         release_memory(device)
     else:
-        eng = run_engine(model_dir, workload, args.max_in_flight, device, dtype)
+        eng = run_engine(model_dir, workload, args.max_in_flight, device, dtype, bandwidth=bandwidth,
+                         spec_bandwidth=spec)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config.update(model_dir=str(model_dir), model_name=args.random_model or model_dir.name, vocab_size=vocab_size,
                   device=str(device), dtype=dtype_name(dtype), torch_threads=torch.get_num_threads(),
@@ -514,7 +600,8 @@ def main(argv: list[str] | None = None) -> dict:
     with quiet_transformers(), tempfile.TemporaryDirectory(prefix="hotswap-bench-") as tmp:
         if args.random_model:
             device = resolve_device(args.device)
-            model_dir = build_random_model(args.random_model, Path(tmp), device, args.seed)
+            model_dir = ensure_random_model(args.random_model, args.random_model_dir or Path(tmp) / "model", device,
+                                            args.seed)
         elif args.model is not None:
             model_dir = args.model
         else:
