@@ -6,8 +6,9 @@ Users never need Redis or S3 credentials: only the API URL and their API key
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, BinaryIO, Optional
 
 import typer
 from rich.table import Table
@@ -18,8 +19,6 @@ app = typer.Typer(help="Upload and manage your LoRA adapters and full fine-tunes
 
 ApiUrl = Annotated[Optional[str], typer.Option("--api-url", help="API base URL (default: HOTSWAP_API_URL or http://127.0.0.1:8000).")]
 ApiKey = Annotated[Optional[str], typer.Option("--api-key", help="Your API key (default: HOTSWAP_API_KEY).")]
-
-
 
 
 class Api:
@@ -50,14 +49,17 @@ class Api:
             except Exception:
                 message = response.text[:300]
             fail(f"{message} (HTTP {response.status_code})")
-        return response.json()
+        try:
+            return response.json()
+        except ValueError:
+            fail(f"the API at {self.base} answered {path} with something other than JSON: is that the hotswap API?")
 
 
 class _ProgressReader:
     """A file wrapper that advances a progress bar as httpx streams it."""
 
-    def __init__(self, path: Path, progress, task):
-        self._f, self._progress, self._task = open(path, "rb"), progress, task
+    def __init__(self, f, progress, task):
+        self._f, self._progress, self._task = f, progress, task
 
     def read(self, n: int = -1) -> bytes:
         data = self._f.read(n)
@@ -68,10 +70,21 @@ class _ProgressReader:
         self._f.close()
 
 
-def _files_of(path: Path) -> list[Path]:
-    from adapters.format import UPLOADABLE_FILE
+def _open_files(path: Path) -> list[tuple[str, BinaryIO]]:
+    """(name, open file) for every uploadable file of the dir. Only regular files: a symlink (README.md ->
+    /etc/passwd) is refused, never followed, so nothing from outside the dir is ever sent."""
+    from adapters.format import UPLOADABLE_FILE, open_regular_file
 
-    return sorted(p for p in path.iterdir() if p.is_file() and UPLOADABLE_FILE.match(p.name))
+    opened = []
+    try:
+        for p in sorted(path.iterdir()):
+            if UPLOADABLE_FILE.match(p.name):
+                opened.append((p.name, open_regular_file(p)))
+    except BaseException:
+        for _, f in opened:
+            f.close()
+        raise
+    return opened
 
 
 @app.command()
@@ -105,19 +118,23 @@ def upload(
             inspect_lora_adapter(path, server["config"])
         else:
             inspect_full_checkpoint(path, server["config"])
-    except AdapterFormatError as exc:
-        fail(str(exc))
-    files = _files_of(path)
-    total = sum(p.stat().st_size for p in files)
+        files = _open_files(path)
+    except AdapterFormatError as exc:  # format messages name files inside the dir: say which dir
+        fail(f"{path}: {exc}")
+    except (OSError, ValueError) as exc:  # unreadable dir; or the server's base config is unusable
+        fail(f"{path}: cannot validate: {exc}")
+    total = sum(os.fstat(f.fileno()).st_size for _, f in files)
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), console=err) as progress:
         task = progress.add_task(f"uploading {name}", total=total)
-        readers = [_ProgressReader(p, progress, task) for p in files]
+        readers = [(n, _ProgressReader(f, progress, task)) for n, f in files]
         try:
             record = api.call("POST", "/v1/adapters", data={"name": name, "base_model": server["name"]},
-                              files=[("files", (p.name, r, "application/octet-stream")) for p, r in zip(files, readers)])
+                              files=[("files", (n, r, "application/octet-stream")) for n, r in readers])
+        except OSError as exc:  # a file vanished or failed to read while it was being sent
+            fail(f"{path}: reading the files failed during the upload: {exc}")
         finally:
-            for r in readers:
+            for _, r in readers:
                 r.close()
     out.print(f"uploaded {kind} [bold]{record['id']}[/] ({record['size_bytes']:,} bytes)", highlight=False)
     out.print(f"call it with model={record['name']!r} (latest) or model={record['id']!r}", highlight=False)

@@ -16,6 +16,10 @@ class MissingFileError(AdapterFormatError):
     """The dir lacks a required file (adapter_config.json, adapter_model.safetensors, config.json, ...)."""
 
 
+class NotRegularFileError(AdapterFormatError):
+    """A symlink, directory, FIFO or device where a file is expected: never followed, never read."""
+
+
 class PickledWeightsError(AdapterFormatError):
     """Only pickled weights (.bin/.pt/...) were found. They are refused and never opened."""
 

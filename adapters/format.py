@@ -16,7 +16,13 @@ How files are read: safetensors headers are parsed here directly (8-byte length 
 dtypes and layout are validated without loading any tensor data; NaN/Inf checks then stream one tensor
 at a time in bounded chunks with numpy (bf16/fp16 by their exponent bits, no torch needed). torch is
 imported only inside `load_lora_tensors`. Pickled files (.bin/.pt/...) are never opened: no torch.load,
-no pickle, ever.
+no pickle, ever. Symlinks are never followed: a link in an upload could point anywhere on the machine
+(/etc/passwd), so only regular files are read and anything else is refused (`NotRegularFileError`).
+All JSON goes through `hotswap.safe_json` (deep nesting is an error, not a RecursionError).
+
+Error messages name files by their name inside the directory (`adapter_config.json`), never by a full
+path: on the server the directory is a temp dir the user never saw. Callers that know the user's path
+(the CLI) put it in front.
 
 Decisions:
 
@@ -36,9 +42,12 @@ Decisions:
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,12 +63,14 @@ from adapters.errors import (
     MissingFileError,
     MissingTensorError,
     NonFiniteWeightsError,
+    NotRegularFileError,
     PickledWeightsError,
     RankError,
     TensorDtypeError,
     UnexpectedTensorError,
     UnsupportedAdapterError,
 )
+from hotswap import safe_json
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -73,6 +84,7 @@ __all__ = [
     "inspect_full_checkpoint",
     "inspect_lora_adapter",
     "load_lora_tensors",
+    "open_regular_file",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -81,10 +93,11 @@ MODEL_CONFIG = "config.json"
 MODEL_INDEX = "model.safetensors.index.json"
 
 # Files an upload may carry; anything else (a pickled .bin above all) is refused by name, unopened.
+# \Z, not $: $ also matches before a trailing newline ("README.md\n").
 UPLOADABLE_FILE = re.compile(
     r"^(adapter_config\.json|adapter_model\.safetensors|config\.json|generation_config\.json|"
     r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|tokenizer\.json|"
-    r"tokenizer_config\.json|special_tokens_map\.json|chat_template\.jinja|README\.md)$"
+    r"tokenizer_config\.json|special_tokens_map\.json|chat_template\.jinja|README\.md)\Z"
 )
 DEFAULT_MAX_RANK = 64
 
@@ -95,8 +108,11 @@ _PARENT = {
     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
 }
 _LORA_PREFIX = "base_model.model.model.layers."
+# fullmatch + ASCII: no trailing newline, no non-ASCII digits (int("٣") == 3), and at most 9 digits
+# (int() refuses numbers over 4300 digits with a ValueError).
 _LORA_TENSOR = re.compile(
-    r"^base_model\.model\.model\.layers\.(0|[1-9]\d*)\.(self_attn|mlp)\.(\w+)\.(lora_A|lora_B)\.weight$"
+    r"base_model\.model\.model\.layers\.(0|[1-9][0-9]{0,8})\.(self_attn|mlp)\.(\w+)\.(lora_A|lora_B)\.weight",
+    re.ASCII,
 )
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _MAX_JSON_BYTES = 16 << 20
@@ -225,10 +241,10 @@ class _Dims:
             value = raw.get(key)
             if value is None:
                 if default is None:
-                    raise error(f"{what} lacks {key!r}")
+                    raise error(f"{what} lacks {_show(key)}")
                 return default
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise error(f"{what} has {key} = {value!r}; expected a positive integer")
+                raise error(f"{what} has {key} = {_show(value)}; expected a positive integer")
             return value
 
         def flag(key: str) -> bool:
@@ -236,12 +252,12 @@ class _Dims:
             if value is None:
                 return False
             if not isinstance(value, bool):
-                raise error(f"{what} has {key} = {value!r}; expected true or false")
+                raise error(f"{what} has {key} = {_show(value)}; expected true or false")
             return value
 
         archs = raw.get("architectures")
         if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
-            raise error(f"{what} has architectures = {archs!r}; expected a list of class names")
+            raise error(f"{what} has architectures = {_show(archs)}; expected a list of class names")
         hidden = integer("hidden_size")
         heads = integer("num_attention_heads")
         return cls(
@@ -269,40 +285,112 @@ def _base_dims(base_config: Any, need_vocab: bool) -> _Dims:
 
 
 def _as_dir(path: str | Path, what: str) -> Path:
-    root = Path(path)
+    root = Path(path)  # the directory itself may be a link (the user's choice); what is inside may not
     if not root.exists():
-        raise MissingFileError(f"{root} does not exist")
+        raise MissingFileError(f"the {what} directory does not exist")
     if not root.is_dir():
-        raise MissingFileError(f"{root} is not a directory: expected a {what} dir")
+        raise MissingFileError(f"not a directory: expected a {what} dir")
     return root
 
 
+def _why(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__  # str(exc) would repeat the full path
+
+
+def _is_file(path: Path) -> bool:
+    """True for a regular file, False if nothing is there; a symlink (or FIFO, device, dir) is refused.
+
+    lstat, not Path.is_file(): is_file() follows links, and a link in a user's dir may point anywhere.
+    """
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte or unencodable character in the name
+        why = _why(exc) if isinstance(exc, OSError) else "not a valid file name"
+        raise MissingFileError(f"cannot read {path.name!r}: {why}") from None
+    if stat.S_ISLNK(mode):
+        raise NotRegularFileError(f"{path.name} is a symbolic link; hotswap uploads regular files only "
+                                  "(copy the file into the directory)")
+    if not stat.S_ISREG(mode):
+        raise NotRegularFileError(f"{path.name} is not a regular file; hotswap uploads regular files only")
+    return True
+
+
+# O_NOFOLLOW: a link swapped in after the lstat above still fails (no check-then-open race);
+# O_NONBLOCK: a FIFO swapped in cannot hang the open.
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+
+
+def open_regular_file(path: str | Path):
+    """Open a file of a user's dir for binary reading, refusing anything but a regular file (never follows links)."""
+    path = Path(path)
+    if not _is_file(path):
+        raise MissingFileError(f"{path.name} does not exist")
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotRegularFileError(f"{path.name} is a symbolic link; hotswap uploads regular files only "
+                                      "(copy the file into the directory)") from None
+        raise MissingFileError(f"cannot read {path.name}: {_why(exc)}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotRegularFileError(f"{path.name} is not a regular file; hotswap uploads regular files only")
+    return os.fdopen(fd, "rb")
+
+
 def _pickled_files(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_file() and p.name.lower().endswith(_PICKLE_SUFFIXES))
+    # Only named in a message, never opened or followed.
+    return sorted(p.name for p in root.iterdir() if p.name.lower().endswith(_PICKLE_SUFFIXES))
 
 
 def _read_json(path: Path) -> Any:
+    with open_regular_file(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > _MAX_JSON_BYTES:
+            raise InvalidConfigError(f"{path.name} is {size} bytes; a config file should be a few KB")
+        data = f.read(_MAX_JSON_BYTES)
     try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise MissingFileError(f"cannot read {path}: {exc}") from None
-    if size > _MAX_JSON_BYTES:
-        raise InvalidConfigError(f"{path} is {size} bytes; a config file should be a few KB")
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return safe_json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
-        raise InvalidConfigError(f"{path} is not valid JSON: it is not UTF-8 text") from None
+        raise InvalidConfigError(f"{path.name} is not valid JSON: it is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise InvalidConfigError(
-            f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            f"{path.name} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
+    except safe_json.JSONDepthError as exc:
+        raise InvalidConfigError(f"{path.name} cannot be used: {exc}") from None
+    except ValueError:  # json.loads refuses integers of over 4300 digits
+        raise InvalidConfigError(f"{path.name} is not usable JSON: it holds a number too long to read") from None
 
 
 def _read_json_object(path: Path) -> dict:
     raw = _read_json(path)
     if not isinstance(raw, dict):
-        raise InvalidConfigError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+        raise InvalidConfigError(f"{path.name} must hold a JSON object, got {type(raw).__name__}")
     return raw
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _show(value: Any) -> str:
+    """repr() for a message, cut short: a hostile file may hold a 10 MB name or list."""
+    return _clip(repr(value))
+
+
+def _numel(shape: list[int], limit: int) -> int:
+    """prod(shape), or limit + 1 as soon as it passes limit: a shape of huge numbers costs nothing."""
+    if 0 in shape:
+        return 0
+    n = 1
+    for d in shape:
+        n *= d
+        if n > limit:
+            return limit + 1
+    return n
 
 
 @dataclass(frozen=True)
@@ -322,34 +410,35 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
     out: dict = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"duplicate key {key!r}")
+            raise ValueError(f"duplicate key {_show(key)}")
         out[key] = value
     return out
 
 
 def _read_header(path: Path) -> dict[str, _Tensor]:
     """Parse and validate a safetensors header (the same layout rules as the safetensors library)."""
+    file = path.name
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular_file(path) as f:
+            size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise CorruptWeightsError(f"{path} is not a safetensors file: only {size} bytes long")
+                raise CorruptWeightsError(f"{file} is not a safetensors file: only {size} bytes long")
             (n,) = struct.unpack("<Q", prefix)
             if n > _MAX_HEADER_BYTES or 8 + n > size:
                 raise CorruptWeightsError(
-                    f"{path} is not a valid safetensors file: header length {n} does not fit in {size} bytes "
+                    f"{file} is not a valid safetensors file: header length {n} does not fit in {size} bytes "
                     "(truncated upload, or not a safetensors file at all)"
                 )
             blob = f.read(n)
     except OSError as exc:
-        raise MissingFileError(f"cannot read {path}: {exc}") from None
-    try:
-        header = json.loads(blob.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CorruptWeightsError(f"{path} has a corrupt safetensors header: {exc}") from None
+        raise MissingFileError(f"cannot read {file}: {_why(exc)}") from None
+    try:  # safe_json: a header nested 50,000 deep is a ValueError here, not a RecursionError
+        header = safe_json.loads(blob.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise CorruptWeightsError(f"{file} has a corrupt safetensors header: {_clip(str(exc))}") from None
     if not isinstance(header, dict):
-        raise CorruptWeightsError(f"{path} has a corrupt safetensors header: not a JSON object")
+        raise CorruptWeightsError(f"{file} has a corrupt safetensors header: not a JSON object")
 
     data_start, data_len = 8 + n, size - 8 - n
     tensors: dict[str, _Tensor] = {}
@@ -358,54 +447,53 @@ def _read_header(path: Path) -> dict[str, _Tensor]:
             if spec is not None and (
                 not isinstance(spec, dict) or not all(isinstance(v, str) for v in spec.values())
             ):
-                raise CorruptWeightsError(f"{path} has a corrupt safetensors header: bad __metadata__")
+                raise CorruptWeightsError(f"{file} has a corrupt safetensors header: bad __metadata__")
             continue
-        bad = f"{path} has a corrupt safetensors header: entry {name!r} "
+        bad = f"{file} has a corrupt safetensors header: entry {_show(name)} "
         if not isinstance(spec, dict):
             raise CorruptWeightsError(bad + "is not an object")
         dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
         if not isinstance(dtype, str):
-            raise CorruptWeightsError(bad + f"has dtype {dtype!r}")
+            raise CorruptWeightsError(bad + f"has dtype {_show(dtype)}")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):
-            raise CorruptWeightsError(bad + f"has shape {shape!r}")
+            raise CorruptWeightsError(bad + f"has shape {_show(shape)}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]
         ):
-            raise CorruptWeightsError(bad + f"has data_offsets {offsets!r}")
+            raise CorruptWeightsError(bad + f"has data_offsets {_show(offsets)}")
         if offsets[1] > data_len:
             raise CorruptWeightsError(
-                f"{path} is truncated: tensor {name!r} ends at data byte {offsets[1]}, but the file holds only "
-                f"{data_len} data bytes (an interrupted upload or copy?); upload the complete file"
+                f"{file} is truncated: tensor {_show(name)} ends at data byte {_show(offsets[1])}, but the file "
+                f"holds only {data_len} data bytes (an interrupted upload or copy?); upload the complete file"
             )
         itemsize = _ITEMSIZE.get(dtype)
-        if itemsize is not None and offsets[1] - offsets[0] != math.prod(shape) * itemsize:
-            raise CorruptWeightsError(
-                bad + f"claims shape {shape} of {dtype} but spans {offsets[1] - offsets[0]} bytes"
-            )
+        span = offsets[1] - offsets[0]
+        if itemsize is not None and _numel(shape, span) * itemsize != span:
+            raise CorruptWeightsError(bad + f"claims shape {_show(shape)} of {dtype} but spans {span} bytes")
         tensors[name] = _Tensor(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
     position = data_start
     for t in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
         if t.start != position:
-            raise CorruptWeightsError(f"{path} has overlapping or gapped tensor data at {t.name!r}")
+            raise CorruptWeightsError(f"{file} has overlapping or gapped tensor data at {_show(t.name)}")
         position = t.end
     if position != size:
         raise CorruptWeightsError(
-            f"{path} has {size - position} bytes after its last tensor: not a well-formed safetensors file"
+            f"{file} has {size - position} bytes after its last tensor: not a well-formed safetensors file"
         )
     return tensors
 
 
 def _check_float(path: Path, t: _Tensor, what: str) -> None:
     if t.dtype not in _FLOAT_NAMES:
-        kind = "an unknown dtype" if t.dtype not in _ITEMSIZE else "a non-float dtype"
+        kind = f"an unknown dtype {_show(t.dtype)}" if t.dtype not in _ITEMSIZE else f"a non-float dtype {t.dtype}"
         raise TensorDtypeError(
-            f"{what} tensor {t.name!r} in {path.name} has {kind} {t.dtype}: weights must be "
+            f"{what} tensor {_show(t.name)} in {path.name} has {kind}: weights must be "
             "float16, bfloat16 or float32 (quantized or integer weights are not supported; "
             "save the unquantized weights)"
         )
@@ -419,7 +507,7 @@ def _count_non_finite(f, t: _Tensor) -> int:
         n = min(remaining, _CHUNK_BYTES)
         buf = f.read(n)
         if len(buf) != n:
-            raise CorruptWeightsError(f"tensor {t.name!r} is truncated: the file changed while being read")
+            raise CorruptWeightsError(f"tensor {_show(t.name)} is truncated: the file changed while being read")
         if t.dtype == "F32" or t.dtype == "F64":
             values = np.frombuffer(buf, dtype="<f4" if t.dtype == "F32" else "<f8")
             bad += values.size - int(np.count_nonzero(np.isfinite(values)))
@@ -432,12 +520,12 @@ def _count_non_finite(f, t: _Tensor) -> int:
 
 
 def _check_finite(path: Path, tensors: list[_Tensor], what: str) -> None:
-    with open(path, "rb") as f:
+    with open_regular_file(path) as f:
         for t in sorted(tensors, key=lambda t: t.start):
             bad = _count_non_finite(f, t)
             if bad:
                 raise NonFiniteWeightsError(
-                    f"{what} tensor {t.name!r} in {path.name} contains {bad} NaN/Inf value(s) out of "
+                    f"{what} tensor {_show(t.name)} in {path.name} contains {bad} NaN/Inf value(s) out of "
                     f"{math.prod(t.shape)}: the training run diverged or the file is damaged; "
                     "use an earlier checkpoint or retrain"
                 )
@@ -449,7 +537,7 @@ def _dtype_summary(tensors: list[_Tensor]) -> str:
 
 
 def _fingerprint(path: Path) -> tuple[int, int]:
-    st = path.stat()
+    st = path.lstat()  # a link swapped in later reads as a change
     return st.st_size, st.st_mtime_ns
 
 
@@ -460,17 +548,17 @@ def _fingerprint(path: Path) -> tuple[int, int]:
 def detect_kind(path: str | Path) -> Literal["lora", "full"]:
     """"lora" for a PEFT adapter dir (adapter_config.json), "full" for a model dir (config.json)."""
     root = _as_dir(path, "LoRA adapter or model")
-    if (root / ADAPTER_CONFIG).is_file():
+    if _is_file(root / ADAPTER_CONFIG):
         return "lora"
-    if (root / MODEL_CONFIG).is_file():
+    if _is_file(root / MODEL_CONFIG):
         return "full"
-    if (root / ADAPTER_WEIGHTS).exists() or (root / "adapter_model.bin").exists():
+    if _is_file(root / ADAPTER_WEIGHTS) or _is_file(root / "adapter_model.bin"):
         raise MissingFileError(
-            f"{root} has adapter weights but no {ADAPTER_CONFIG}: copy the adapter_config.json that PEFT "
+            f"the directory has adapter weights but no {ADAPTER_CONFIG}: copy the adapter_config.json that PEFT "
             "saved next to the weights"
         )
     raise MissingFileError(
-        f"{root} is neither a LoRA adapter (no {ADAPTER_CONFIG}) nor a full model (no {MODEL_CONFIG}); "
+        f"the directory is neither a LoRA adapter (no {ADAPTER_CONFIG}) nor a full model (no {MODEL_CONFIG}); "
         "point to the directory PEFT's or transformers' save_pretrained() wrote"
     )
 
@@ -513,53 +601,53 @@ _UNSUPPORTED_OPTIONS = (
 def _lora_hyperparameters(cfg: dict, cfg_path: Path, max_rank: int) -> tuple[int, float, bool]:
     peft_type = cfg.get("peft_type")
     if peft_type is None:
-        raise InvalidConfigError(f"{cfg_path} has no peft_type: is this a PEFT adapter_config.json?")
+        raise InvalidConfigError(f"{cfg_path.name} has no peft_type: is this a PEFT adapter_config.json?")
     if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
         raise UnsupportedAdapterError(
-            f"{cfg_path} has peft_type {peft_type!r}: hotswap serves LoRA adapters only (peft_type LORA); "
+            f"{cfg_path.name} has peft_type {_show(peft_type)}: hotswap serves LoRA adapters only (peft_type LORA); "
             "merge other adapter types into the base model and register the result as a full fine-tune"
         )
     task_type = cfg.get("task_type")
     if task_type not in (None, "CAUSAL_LM"):
         raise UnsupportedAdapterError(
-            f"{cfg_path} has task_type {task_type!r}: hotswap serves causal language models only (CAUSAL_LM)"
+            f"{cfg_path.name} has task_type {_show(task_type)}: hotswap serves causal language models only (CAUSAL_LM)"
         )
     modules_to_save = cfg.get("modules_to_save")
     if _is_set(modules_to_save):
         raise UnsupportedAdapterError(
-            f"{cfg_path} has modules_to_save {modules_to_save!r}: those modules are saved as full trained "
+            f"{cfg_path.name} has modules_to_save {_show(modules_to_save)}: those modules are saved as full trained "
             "copies, not low-rank deltas, and hotswap cannot swap them per request: " + _MERGE_HINT
         )
     bias = cfg.get("bias", "none")
     if bias not in (None, "none"):
         raise UnsupportedAdapterError(
-            f"{cfg_path} has bias {bias!r}: training the base model's biases is not supported; "
+            f"{cfg_path.name} has bias {_show(bias)}: training the base model's biases is not supported; "
             "retrain with bias='none', or " + _MERGE_HINT
         )
     for key, why in _UNSUPPORTED_OPTIONS:
         if _is_set(cfg.get(key)):
-            raise UnsupportedAdapterError(f"{cfg_path}: {why}")
+            raise UnsupportedAdapterError(f"{cfg_path.name}: {why}")
 
     r = cfg.get("r", 8)  # PEFT's defaults for a missing key
     if isinstance(r, float) and r.is_integer():
         r = int(r)
     if isinstance(r, bool) or not isinstance(r, int):
-        raise InvalidConfigError(f"{cfg_path} has r = {r!r}; the LoRA rank must be an integer")
+        raise InvalidConfigError(f"{cfg_path.name} has r = {_show(r)}; the LoRA rank must be an integer")
     if r <= 0:
-        raise RankError(f"{cfg_path} has r = {r}; the LoRA rank must be positive")
+        raise RankError(f"{cfg_path.name} has r = {r}; the LoRA rank must be positive")
     if r > max_rank:
         raise RankError(
-            f"{cfg_path} has LoRA rank r = {r}, above the engine's maximum rank {max_rank}: retrain with "
+            f"{cfg_path.name} has LoRA rank r = {r}, above the engine's maximum rank {max_rank}: retrain with "
             f"r <= {max_rank}, raise the server's max LoRA rank, or " + _MERGE_HINT
         )
     alpha = cfg.get("lora_alpha", 8)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise InvalidConfigError(f"{cfg_path} has lora_alpha = {alpha!r}; expected a number")
+        raise InvalidConfigError(f"{cfg_path.name} has lora_alpha = {_show(alpha)}; expected a number")
     use_rslora = cfg.get("use_rslora", False)
     if use_rslora is None:
         use_rslora = False
     if not isinstance(use_rslora, bool):
-        raise InvalidConfigError(f"{cfg_path} has use_rslora = {use_rslora!r}; expected true or false")
+        raise InvalidConfigError(f"{cfg_path.name} has use_rslora = {_show(use_rslora)}; expected true or false")
     return r, float(alpha), use_rslora
 
 
@@ -575,14 +663,18 @@ def _module_names(dims: _Dims) -> dict[str, tuple[int, str] | None]:
 def _compile(pattern: str, cfg_path: Path, key: str) -> re.Pattern:
     try:
         return re.compile(pattern)
-    except re.error as exc:
-        raise InvalidConfigError(f"{cfg_path} has {key} {pattern!r}, not a valid regular expression: {exc}") from None
+    except (re.error, RecursionError, OverflowError) as exc:  # "(" x 10,000 / "a{99999999999}" raise the last two
+        raise InvalidConfigError(
+            f"{cfg_path.name} has {key} {_show(pattern)}, not a valid regular expression: {_clip(str(exc))}"
+        ) from None
 
 
 def _as_name_list(value: Any, cfg_path: Path, key: str) -> list[str]:
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return list(value)
-    raise InvalidConfigError(f"{cfg_path} has {key} = {value!r}; expected a list of module names or a regex string")
+    raise InvalidConfigError(
+        f"{cfg_path.name} has {key} = {_show(value)}; expected a list of module names or a regex string"
+    )
 
 
 def _layer_filter(cfg: dict, cfg_path: Path):
@@ -593,13 +685,13 @@ def _layer_filter(cfg: dict, cfg_path: Path):
     if isinstance(indexes, int) and not isinstance(indexes, bool):
         indexes = [indexes]
     if not isinstance(indexes, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indexes):
-        raise InvalidConfigError(f"{cfg_path} has layers_to_transform = {indexes!r}; expected integers")
+        raise InvalidConfigError(f"{cfg_path.name} has layers_to_transform = {_show(indexes)}; expected integers")
     patterns = cfg.get("layers_pattern")
     if isinstance(patterns, str):
         patterns = [patterns]
     if patterns:
         if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
-            raise InvalidConfigError(f"{cfg_path} has layers_pattern = {patterns!r}; expected names")
+            raise InvalidConfigError(f"{cfg_path.name} has layers_pattern = {_show(patterns)}; expected names")
         regexes = [_compile(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", cfg_path, "layers_pattern") for p in patterns]
     else:
         regexes = [re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")]
@@ -608,7 +700,7 @@ def _layer_filter(cfg: dict, cfg_path: Path):
     def keep(name: str) -> bool:
         for rx in regexes:
             match = rx.match(name)
-            if match:
+            if match and match.group("idx") is not None:  # None when a pattern like "x|" adds an alternative
                 return int(match.group("idx")) in wanted
         return False
 
@@ -632,10 +724,11 @@ def _resolve_targets(cfg: dict, cfg_path: Path, dims: _Dims) -> set[tuple[int, s
         for entry in entries:
             hits = [n for n in names if n == entry or n.endswith("." + entry)]
             if not hits:
-                deeper = re.fullmatch(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)", entry)
+                # ASCII digits, at most 9: int() of a 5000-digit number is a ValueError
+                deeper = re.fullmatch(r"(?:.*\.)?layers\.([0-9]{1,9})\.(?:self_attn|mlp)\.(\w+)", entry)
                 if deeper and deeper.group(2) in _PARENT and int(deeper.group(1)) >= dims.num_hidden_layers:
                     raise BaseModelMismatchError(
-                        f"{cfg_path} targets {entry!r}, but the base model has only {dims.num_hidden_layers} "
+                        f"{cfg_path.name} targets {_show(entry)}, but the base model has only {dims.num_hidden_layers} "
                         f"layers (num_hidden_layers): the adapter was trained for a different base model"
                         + _base_name_hint(cfg)
                     )
@@ -656,14 +749,16 @@ def _resolve_targets(cfg: dict, cfg_path: Path, dims: _Dims) -> set[tuple[int, s
     special = sorted({n.rpartition(".")[2] for n in matched if names[n] is None})
     if special:
         raise UnsupportedAdapterError(
-            f"{cfg_path} targets {' and '.join(special)} (target_modules {target!r}): LoRA on the embedding or "
+            f"{cfg_path.name} targets {' and '.join(special)} (target_modules {_show(target)}): LoRA on the "
+            "embedding or "
             f"output layer is not supported; hotswap applies LoRA to {', '.join(SUPPORTED_MODULES)} only. "
             "Retrain without it, or " + _MERGE_HINT
         )
     resolved = {names[n] for n in matched}
     if not resolved:
         raise UnsupportedAdapterError(
-            f"{cfg_path} has target_modules {target!r}, which matches none of the projections hotswap supports "
+            f"{cfg_path.name} has target_modules {_show(target)}, which matches none of the projections hotswap "
+            "supports "
             f"({', '.join(SUPPORTED_MODULES)}, named like model.layers.0.self_attn.q_proj) on this base model"
         )
     return resolved  # type: ignore[return-value]
@@ -676,7 +771,7 @@ def _check_patterns(cfg: dict, cfg_path: Path, pairs: set[tuple[int, str]], r: i
         if not _is_set(pattern):
             continue
         if not isinstance(pattern, dict):
-            raise InvalidConfigError(f"{cfg_path} has {key} = {pattern!r}; expected an object")
+            raise InvalidConfigError(f"{cfg_path.name} has {key} = {_show(pattern)}; expected an object")
         compiled = [(_compile(rf"(.*\.)?({k})$", cfg_path, key), k, v) for k, v in pattern.items()]
         for layer, module in sorted(pairs):
             name = f"model.layers.{layer}.{_PARENT[module]}.{module}"
@@ -684,7 +779,8 @@ def _check_patterns(cfg: dict, cfg_path: Path, pairs: set[tuple[int, str]], r: i
                 if rx.match(name):
                     if value != default:
                         raise UnsupportedAdapterError(
-                            f"{cfg_path} has {key} {{{k!r}: {value!r}}}, giving {name} {what} {value} instead of "
+                            f"{cfg_path.name} has {key} {{{_show(k)}: {_show(value)}}}, giving {name} {what} "
+                            f"{_show(value)} instead of "
                             f"{default:g}: per-module ranks/alphas are not supported (one scaling per adapter); "
                             "retrain with uniform r / lora_alpha, or " + _MERGE_HINT
                         )
@@ -693,7 +789,9 @@ def _check_patterns(cfg: dict, cfg_path: Path, pairs: set[tuple[int, str]], r: i
 
 def _base_name_hint(cfg: dict) -> str:
     name = cfg.get("base_model_name_or_path")
-    return f" (adapter_config.json names base_model_name_or_path {name!r})" if isinstance(name, str) and name else ""
+    if not isinstance(name, str) or not name:
+        return ""
+    return f" (adapter_config.json names base_model_name_or_path {_show(name)})"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -705,32 +803,32 @@ def _classify_lora_tensor(t: _Tensor, weights: Path) -> tuple[int, str, str]:
     name = t.name
     if "lora_magnitude_vector" in name:
         raise UnsupportedAdapterError(
-            f"{weights.name} holds DoRA magnitude vectors ({name!r}): DoRA is not supported: " + _MERGE_HINT
+            f"{weights.name} holds DoRA magnitude vectors ({_show(name)}): DoRA is not supported: " + _MERGE_HINT
         )
     if "embed_tokens" in name or "lm_head" in name or "lora_embedding_" in name:
         raise UnsupportedAdapterError(
-            f"{weights.name} holds {name!r}: LoRA on (or trained copies of) the embedding / output layer is "
+            f"{weights.name} holds {_show(name)}: LoRA on (or trained copies of) the embedding / output layer is "
             f"not supported; hotswap applies LoRA to {', '.join(SUPPORTED_MODULES)} only: " + _MERGE_HINT
         )
     if name.endswith(".lora_B.bias") or name.endswith(".lora_A.bias"):
         raise UnsupportedAdapterError(
-            f"{weights.name} holds LoRA bias {name!r} (lora_bias): not supported: " + _MERGE_HINT
+            f"{weights.name} holds LoRA bias {_show(name)} (lora_bias): not supported: " + _MERGE_HINT
         )
-    match = _LORA_TENSOR.match(name)
+    match = _LORA_TENSOR.fullmatch(name)
     expected_names = (
         f"hotswap expects only LoRA pairs named {_LORA_PREFIX}<i>.<self_attn|mlp>.<module>.lora_A.weight / "
         f".lora_B.weight with <module> one of {', '.join(SUPPORTED_MODULES)}"
     )
     if match is None:
-        raise UnexpectedTensorError(f"unexpected tensor {name!r} in {weights.name}: {expected_names}")
+        raise UnexpectedTensorError(f"unexpected tensor {_show(name)} in {weights.name}: {expected_names}")
     layer, parent, module, which = match.groups()
     if module not in _PARENT:
         raise UnexpectedTensorError(
-            f"{weights.name} has LoRA weights for {parent}.{module} ({name!r}), which is not a projection hotswap "
+            f"{weights.name} has LoRA weights for {parent}.{module} ({_show(name)}), which is not a projection hotswap "
             f"supports: {expected_names}"
         )
     if _PARENT[module] != parent:
-        raise UnexpectedTensorError(f"unexpected tensor {name!r} in {weights.name}: {module} belongs under "
+        raise UnexpectedTensorError(f"unexpected tensor {_show(name)} in {weights.name}: {module} belongs under "
                                     f"{_PARENT[module]}, not {parent}")
     return int(layer), module, which[-1]
 
@@ -741,7 +839,9 @@ def _lora_tensors(
     """Validate names, dtypes, layer range and shapes from the header; return the A/B entries per pair."""
     header = _read_header(weights)
     if not header:
-        raise MissingTensorError(f"{weights} holds no tensors: the adapter was saved before training or is damaged")
+        raise MissingTensorError(
+            f"{weights.name} holds no tensors: the adapter was saved before training or is damaged"
+        )
     pairs: dict[tuple[int, str], dict[str, _Tensor]] = {}
     mismatches: list[tuple[int, str]] = []  # (priority, message): report the most telling one
     rank_errors: list[str] = []
@@ -753,12 +853,12 @@ def _lora_tensors(
         _check_float(weights, t, "LoRA")
         if len(t.shape) != 2:
             raise CorruptWeightsError(
-                f"LoRA tensor {t.name!r} in {weights.name} has shape {list(t.shape)}, not 2-D: adapters saved "
-                "from DeepSpeed ZeRO-3 / FSDP without gathering the shards look like this; save it again with "
-                "the full parameters gathered"
+                f"LoRA tensor {_show(t.name)} in {weights.name} has shape {_show(list(t.shape))}, not 2-D: "
+                "adapters saved from DeepSpeed ZeRO-3 / FSDP without gathering the shards look like this; save it "
+                "again with the full parameters gathered"
             )
         if layer >= dims.num_hidden_layers:
-            mismatches.append((4, f"adapter has LoRA weights for layer {layer} ({t.name!r}), but the base model "
+            mismatches.append((4, f"adapter has LoRA weights for layer {layer} ({_show(t.name)}), but the base model "
                                   f"has only {dims.num_hidden_layers} layers (num_hidden_layers): the adapter was "
                                   f"trained for a different base model{hint}"))
         (in_label, in_dim), (out_label, out_dim) = dims.io(module)
@@ -768,12 +868,13 @@ def _lora_tensors(
             found, want, label, rank = t.shape[0], out_dim, out_label, t.shape[1]
         if found != want:
             mismatches.append((priority[label], (
-                f"adapter was trained for {label} {found}, base model has {want} ({t.name!r} has shape "
-                f"{list(t.shape)}): this adapter belongs to a different base model{hint}"
+                f"adapter was trained for {label} {_show(found)}, base model has {want} ({_show(t.name)} has shape "
+                f"{_show(list(t.shape))}): this adapter belongs to a different base model{hint}"
             )))
         if rank != r:
             rank_errors.append(
-                f"LoRA tensor {t.name!r} has rank {rank} (shape {list(t.shape)}), but {ADAPTER_CONFIG} says r = {r}"
+                f"LoRA tensor {_show(t.name)} has rank {_show(rank)} (shape {_show(list(t.shape))}), but "
+                f"{ADAPTER_CONFIG} says r = {r}"
             )
         slot = pairs.setdefault((layer, module), {})
         slot[which] = t
@@ -804,20 +905,20 @@ def inspect_lora_adapter(
     root = _as_dir(path, "LoRA adapter")
     cfg_path, weights = root / ADAPTER_CONFIG, root / ADAPTER_WEIGHTS
 
-    if not cfg_path.is_file():
-        hint = (f"; {root} has a {MODEL_CONFIG}, so it looks like a full model: register it as a full fine-tune"
-                if (root / MODEL_CONFIG).is_file() else
+    if not _is_file(cfg_path):
+        hint = (f"; it has a {MODEL_CONFIG}, so it looks like a full model: register it as a full fine-tune"
+                if _is_file(root / MODEL_CONFIG) else
                 ": copy the adapter_config.json PEFT saved next to the weights")
-        raise MissingFileError(f"{root} has no {ADAPTER_CONFIG}{hint}")
-    if not weights.is_file():
+        raise MissingFileError(f"the directory has no {ADAPTER_CONFIG}{hint}")
+    if not _is_file(weights):
         pickled = _pickled_files(root)
         if pickled:
             raise PickledWeightsError(
-                f"{root} has only pickled weights ({', '.join(pickled)}) and no {ADAPTER_WEIGHTS}; pickled files "
-                f"can run arbitrary code and are never opened: {_LORA_CONVERT_HINT}"
+                f"the directory has only pickled weights ({', '.join(pickled)}) and no {ADAPTER_WEIGHTS}; "
+                f"pickled files can run arbitrary code and are never opened: {_LORA_CONVERT_HINT}"
             )
         raise MissingFileError(
-            f"{root} has no {ADAPTER_WEIGHTS}: upload the weights file PEFT's save_pretrained() wrote next to "
+            f"the directory has no {ADAPTER_WEIGHTS}: upload the weights file PEFT's save_pretrained() wrote next to "
             f"{ADAPTER_CONFIG}"
         )
 
@@ -844,7 +945,7 @@ def inspect_lora_adapter(
     if extra:
         raise UnexpectedTensorError(
             f"{weights.name} has LoRA tensors for {_describe(extra)}, which target_modules "
-            f"{cfg.get('target_modules')!r} in {ADAPTER_CONFIG} does not select: config and weights disagree"
+            f"{_show(cfg.get('target_modules'))} in {ADAPTER_CONFIG} does not select: config and weights disagree"
         )
     if missing:
         raise MissingTensorError(
@@ -890,7 +991,7 @@ def load_lora_tensors(
     except OSError:
         changed = True
     if changed:
-        raise AdapterFormatError(f"{weights} changed or vanished since it was inspected: inspect it again")
+        raise AdapterFormatError(f"{weights.name} changed or vanished since it was inspected: inspect it again")
     out: dict[tuple[int, str], tuple[Any, Any]] = {}
     with safe_open(str(weights), framework="pt", device="cpu") as f:
         keys = set(f.keys())
@@ -900,15 +1001,15 @@ def load_lora_tensors(
             a_name, b_name = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
             wanted.update((a_name, b_name))
             if a_name not in keys or b_name not in keys:
-                raise MissingTensorError(f"{weights} lacks {a_name} / {b_name}: inspect it again")
+                raise MissingTensorError(f"{weights.name} lacks {a_name} / {b_name}: inspect it again")
             a, b = f.get_tensor(a_name), f.get_tensor(b_name)
             if a.dim() != 2 or b.dim() != 2 or a.shape[0] != info.rank or b.shape[1] != info.rank:
-                raise RankError(f"{weights}: {prefix} no longer has rank {info.rank}: inspect it again")
+                raise RankError(f"{weights.name}: {prefix} no longer has rank {info.rank}: inspect it again")
             if dtype is not None or str(device) != "cpu":
                 a, b = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
             out[(layer, module)] = (a, b)
         if keys - wanted:
-            raise UnexpectedTensorError(f"{weights} has tensors it did not have when inspected: inspect it again")
+            raise UnexpectedTensorError(f"{weights.name} has tensors it did not have when inspected: inspect it again")
     return out
 
 
@@ -924,31 +1025,32 @@ _COMPARED = (
 
 def _full_weight_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
     index = root / MODEL_INDEX
-    if index.is_file():
+    if _is_file(index):
         raw = _read_json_object(index)
         weight_map = raw.get("weight_map")
         if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
         ):
-            raise InvalidConfigError(f"{index} has no valid weight_map (tensor name -> file name)")
+            raise InvalidConfigError(f"{index.name} has no valid weight_map (tensor name -> file name)")
         files = []
         for name in sorted(set(weight_map.values())):
             if Path(name).name != name or name.startswith(".") or not name.endswith(".safetensors"):
-                raise InvalidConfigError(f"{index} refers to {name!r}: shards must be .safetensors files in the "
-                                         "same dir")
-            if not (root / name).is_file():
-                raise MissingFileError(f"{index} refers to {name}, which is not in {root}: upload every shard")
+                raise InvalidConfigError(f"{index.name} refers to {_show(name)}: shards must be .safetensors "
+                                         "files in the same dir")
+            if not _is_file(root / name):
+                raise MissingFileError(f"{index.name} refers to {_show(name)}, which is not in the directory: "
+                                       "upload every shard")
             files.append(root / name)
         return files, weight_map
-    files = sorted(p for p in root.glob("*.safetensors") if p.is_file())
+    files = [p for p in sorted(root.glob("*.safetensors")) if _is_file(p)]
     if not files:
         pickled = _pickled_files(root)
         if pickled:
             raise PickledWeightsError(
-                f"{root} has only pickled weights ({', '.join(pickled)}) and no .safetensors; pickled files can "
+                f"the directory has only pickled weights ({', '.join(pickled)}) and no .safetensors; pickled files can "
                 f"run arbitrary code and are never opened: {_FULL_CONVERT_HINT}"
             )
-        raise MissingFileError(f"{root} has no .safetensors weights next to its {MODEL_CONFIG}")
+        raise MissingFileError(f"the directory has no .safetensors weights next to its {MODEL_CONFIG}")
     return files, None
 
 
@@ -981,11 +1083,11 @@ def inspect_full_checkpoint(path: str | Path, base_config: dict, check_finite: b
     base = _base_dims(base_config, need_vocab=True)
     root = _as_dir(path, "model")
     cfg_path = root / MODEL_CONFIG
-    if not cfg_path.is_file():
+    if not _is_file(cfg_path):
         hint = (f"; it has an {ADAPTER_CONFIG}, so it is a LoRA adapter: register it as one"
-                if (root / ADAPTER_CONFIG).is_file() else "")
-        raise MissingFileError(f"{root} has no {MODEL_CONFIG}{hint}")
-    ckpt = _Dims.from_config(_read_json_object(cfg_path), str(cfg_path), InvalidConfigError, need_vocab=True)
+                if _is_file(root / ADAPTER_CONFIG) else "")
+        raise MissingFileError(f"the directory has no {MODEL_CONFIG}{hint}")
+    ckpt = _Dims.from_config(_read_json_object(cfg_path), cfg_path.name, InvalidConfigError, need_vocab=True)
 
     for key in _COMPARED:
         mine, theirs = getattr(ckpt, key), getattr(base, key)
@@ -994,8 +1096,8 @@ def inspect_full_checkpoint(path: str | Path, base_config: dict, check_finite: b
         if mine != theirs:
             label = "architectures[0]" if key == "architecture" else key
             raise BaseModelMismatchError(
-                f"checkpoint was trained for {label} {mine!r}, base model has {theirs!r} ({cfg_path}): a full "
-                "fine-tune must keep the base model's architecture and dimensions; serve it on a deployment "
+                f"checkpoint was trained for {label} {_show(mine)}, base model has {theirs!r} ({cfg_path.name}): "
+                "a full fine-tune must keep the base model's architecture and dimensions; serve it on a deployment "
                 "of its own base model"
             )
 
@@ -1005,13 +1107,13 @@ def inspect_full_checkpoint(path: str | Path, base_config: dict, check_finite: b
     for file in files:
         for name, t in _read_header(file).items():
             if name in found:
-                raise CorruptWeightsError(f"tensor {name!r} appears in both {found[name][0].name} and {file.name}")
+                raise CorruptWeightsError(f"tensor {_show(name)} appears in both {found[name][0].name} and {file.name}")
             found[name] = (file, t)
     if weight_map is not None:
         for name, file_name in sorted(weight_map.items()):
             if name not in found or found[name][0].name != file_name:
-                raise MissingTensorError(f"{MODEL_INDEX} places {name!r} in {file_name}, but it is not there: "
-                                         "the upload is incomplete")
+                raise MissingTensorError(f"{MODEL_INDEX} places {_show(name)} in {_show(file_name)}, but it is "
+                                         "not there: the upload is incomplete")
 
     used: list[tuple[Path, _Tensor]] = []
     for name, (file, t) in sorted(found.items()):
@@ -1021,19 +1123,21 @@ def inspect_full_checkpoint(path: str | Path, base_config: dict, check_finite: b
         want = expected.get(name)
         if want is None:
             raise UnexpectedTensorError(
-                f"unexpected tensor {name!r} in {file.name}: it has no place in a {base.architecture or 'Llama'} "
+                f"unexpected tensor {_show(name)} in {file.name}: it has no place in a {base.architecture or 'Llama'} "
                 "model with the base model's config"
             )
         if t.shape != want:
             raise BaseModelMismatchError(
-                f"checkpoint tensor {name!r} in {file.name} has shape {list(t.shape)}, base model expects "
+                f"checkpoint tensor {_show(name)} in {file.name} has shape {_show(list(t.shape))}, base model expects "
                 f"{list(want)}: the weights do not match their own config.json"
             )
         used.append((file, t))
     missing = sorted(set(expected) - set(found))
     if missing:
         more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
-        raise MissingTensorError(f"{root} is missing weights: {', '.join(missing[:4])}{more}; upload every shard")
+        raise MissingTensorError(
+            f"the checkpoint is missing weights: {', '.join(missing[:4])}{more}; upload every shard"
+        )
 
     if check_finite:
         by_file: dict[Path, list[_Tensor]] = {}

@@ -80,10 +80,12 @@ async def upload(
     base_model = base_model or settings.base_model
     _check_base(base_model, settings)
     filenames = [f.filename or "" for f in files]
-    bad = [n for n in filenames if not UPLOADABLE_FILE.match(Path(n).name) or Path(n).name != n]
+    bad = [n for n in filenames if not UPLOADABLE_FILE.match(n)]  # a bare, known name: never a path
     if bad:
-        raise APIError(400, f"file(s) not accepted: {', '.join(repr(b) for b in bad)}; send safetensors weights "
-                            "and their JSON configs only (pickled .bin/.pt files are never loaded)", param="files")
+        shown = ", ".join(repr(n if len(n) <= 80 else n[:77] + "...") for n in bad[:5])  # names may be huge
+        shown += f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise APIError(400, f"file(s) not accepted: {shown}; send safetensors weights and their JSON configs "
+                            "only (pickled .bin/.pt files are never loaded)", param="files")
     if len(set(filenames)) != len(filenames):
         raise APIError(400, "the same file name was sent twice", param="files")
 

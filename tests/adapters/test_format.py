@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import pickle
 import shutil
+import struct
 import subprocess
 import sys
 import warnings
@@ -27,6 +29,7 @@ from adapters.errors import (
     MissingFileError,
     MissingTensorError,
     NonFiniteWeightsError,
+    NotRegularFileError,
     PickledWeightsError,
     RankError,
     TensorDtypeError,
@@ -420,6 +423,7 @@ def test_broken_adapter(case, good, tmp_path, base_config, no_unpickling):
         inspect_lora_adapter(d, base_config, **(kwargs[0] if kwargs else {}))
     assert fragment in str(exc_info.value)
     assert isinstance(exc_info.value, AdapterFormatError) and isinstance(exc_info.value, ValueError)
+    assert str(tmp_path) not in str(exc_info.value)  # files by name: on a server the dir is a temp dir
 
 
 def test_pickle_never_opened(good, base_config, no_unpickling):
@@ -539,6 +543,7 @@ def test_full_checkpoint_broken(case, error, fragment, base_dir, base_config, tm
     with pytest.raises(error) as exc_info:
         inspect_full_checkpoint(d, base_config, check_finite=True)
     assert fragment in str(exc_info.value)
+    assert str(tmp_path) not in str(exc_info.value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -553,8 +558,115 @@ def test_detect_kind_errors(tmp_path, good):
     (good / ADAPTER_CONFIG).unlink()
     with pytest.raises(MissingFileError, match="no adapter_config.json"):
         detect_kind(good)
-    with pytest.raises(MissingFileError, match="does not exist"):
+    with pytest.raises(MissingFileError, match="does not exist") as exc_info:
         detect_kind(tmp_path / "nope")
+    assert str(tmp_path) not in str(exc_info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hostile input: every way in ends in an AdapterFormatError (HTTP 400), never another exception (HTTP 500)
+
+
+NESTED = b"[" * 50_000 + b"]" * 50_000  # json.loads: RecursionError
+
+
+def _nest(path: Path) -> None:
+    if path.suffix == ".safetensors":
+        path.write_bytes(struct.pack("<Q", len(NESTED)) + NESTED)
+    else:
+        path.write_bytes(NESTED)
+
+
+@pytest.mark.parametrize("name,error", [(ADAPTER_WEIGHTS, CorruptWeightsError), (ADAPTER_CONFIG, InvalidConfigError)])
+def test_deeply_nested_json_in_an_adapter(name, error, good, base_config):
+    _nest(good / name)
+    with pytest.raises(error, match="nested more than 64 levels deep") as exc_info:
+        inspect_lora_adapter(good, base_config)
+    assert str(exc_info.value).startswith(name)
+
+
+@pytest.mark.parametrize("name,error", [("model.safetensors", CorruptWeightsError), ("config.json", InvalidConfigError),
+                                        ("model.safetensors.index.json", InvalidConfigError)])
+def test_deeply_nested_json_in_a_full_checkpoint(name, error, base_dir, base_config, tmp_path):
+    d = Path(shutil.copytree(base_dir, tmp_path / "m"))
+    _nest(d / name)
+    with pytest.raises(error, match="nested more than 64 levels deep"):
+        inspect_full_checkpoint(d, base_config)
+
+
+def _link_out(d: Path, name: str) -> Path:
+    """Move `name` out of the dir and leave a symlink to it: content that is not in the dir."""
+    outside = d.parent / f"outside-{name}"
+    shutil.move(d / name, outside)
+    (d / name).symlink_to(outside)
+    return d
+
+
+@pytest.mark.parametrize("name", [ADAPTER_CONFIG, ADAPTER_WEIGHTS])
+def test_symlinks_in_an_adapter_are_refused_never_followed(name, good, base_config):
+    _link_out(good, name)
+    with pytest.raises(NotRegularFileError, match=f"^{name} is a symbolic link; hotswap uploads regular files only"):
+        detect_kind(good)  # only an adapter_config.json link decides the kind...
+        inspect_lora_adapter(good, base_config)  # ...the weights link is found here
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_symlinks_in_a_full_checkpoint_are_refused(name, base_dir, base_config, tmp_path):
+    d = _link_out(Path(shutil.copytree(base_dir, tmp_path / "m")), name)
+    with pytest.raises(NotRegularFileError, match=f"{name} is a symbolic link"):
+        inspect_full_checkpoint(d, base_config)
+
+
+def test_a_symlinked_shard_is_refused(tmp_path):
+    d = tmp_path / "sharded"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tiny_model().save_pretrained(d, max_shard_size="40KB")
+    shard = sorted(d.glob("model-*.safetensors"))[0].name
+    _link_out(d, shard)
+    with pytest.raises(NotRegularFileError, match=f"{shard} is a symbolic link"):
+        inspect_full_checkpoint(d, read_config(d, "config.json"))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir"])
+def test_a_fifo_or_dir_in_place_of_a_file_is_refused(kind, good, base_config):
+    (good / ADAPTER_CONFIG).unlink()
+    if kind == "fifo":
+        os.mkfifo(good / ADAPTER_CONFIG)  # opening it for reading would block forever
+    else:
+        (good / ADAPTER_CONFIG).mkdir()
+    with pytest.raises(NotRegularFileError, match="adapter_config.json is not a regular file"):
+        inspect_lora_adapter(good, base_config)
+
+
+@pytest.mark.parametrize("layer", ["9" * 5000, "1\u0661", "01"])
+def test_odd_layer_numbers_in_tensor_names(layer, good, base_config):
+    """int() refuses 5000 digits (ValueError), and reads "1" + an Arabic-Indic one as layer 11."""
+    name = f"{PREFIX}.{layer}.self_attn.q_proj.lora_A.weight"
+    edit_tensors(good, lambda t: t.update({name: torch.zeros(8, 64)}))
+    with pytest.raises(UnexpectedTensorError, match="unexpected tensor"):
+        inspect_lora_adapter(good, base_config)
+
+
+def test_a_tensor_name_with_a_trailing_newline_is_not_a_lora_tensor(good, base_config):
+    edit_tensors(good, lambda t: t.update({Q0A + "\n": t[Q0A].clone()}))
+    with pytest.raises(UnexpectedTensorError, match="unexpected tensor"):
+        inspect_lora_adapter(good, base_config)
+
+
+@pytest.mark.parametrize("config_text", [
+    '{"peft_type": "LORA", "r": ' + "1" * 5000 + "}",  # json.loads: ValueError (int over 4300 digits)
+    json.dumps(dict(peft_type="LORA", r=8, lora_alpha=16,
+                    target_modules=[f"model.layers.{'1' * 5000}.self_attn.q_proj"])),
+    json.dumps(dict(peft_type="LORA", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], layers_to_transform=[0],
+                    layers_pattern="model|")),  # a top-level alternative: the idx group is None (TypeError)
+    json.dumps(dict(peft_type="LORA", r=8, lora_alpha=16, target_modules="(" * 5000 + ")" * 5000)),  # RecursionError
+    json.dumps(dict(peft_type="LORA", r=8, lora_alpha=16, target_modules="q_proj{99999999999}")),  # OverflowError
+], ids=["huge-int", "huge-layer-in-target", "pattern-alternative", "deep-regex", "huge-repeat"])
+def test_hostile_config_values_are_format_errors(config_text, good, base_config):
+    (good / ADAPTER_CONFIG).write_text(config_text)
+    with pytest.raises(AdapterFormatError):
+        inspect_lora_adapter(good, base_config)
 
 
 def test_module_imports_no_torch_worker_or_api():

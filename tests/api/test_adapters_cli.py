@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -129,6 +131,7 @@ def test_bad_uploads_are_refused_and_leave_nothing(how, live_api, api_key, small
                       headers={"Authorization": f"Bearer {api_key}"}, timeout=60)
     assert resp.status_code == 400, resp.text
     assert BROKEN[how] in resp.json()["error"]["message"]
+    assert "hotswap-upload-" not in resp.json()["error"]["message"]  # files as sent, not the server's temp dir
     # Nothing recorded, nothing stored.
     assert not [k for k in redis_client.keys("hotswap:reg:*") if b":model:" in k]
     assert open_store(api_settings).list("tenants/") == []
@@ -156,3 +159,113 @@ def test_an_upload_over_the_size_limit_is_refused_and_leaves_nothing(api_setting
     assert r.returncode == 1 and "exceeds this server's limit" in r.stderr and "HTTP 413" in r.stderr
     assert not [k for k in redis_client.keys("hotswap:reg:*") if b":model:" in k]
     assert open_store(api_settings).list("tenants/") == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Hostile uploads (issue 14): every one is a 4xx with the error envelope, never a 500; refusals name files
+# as the client sent them, never the server's temp dir.
+
+NESTED = b"[" * 50_000 + b"]" * 50_000  # json.loads: RecursionError
+
+
+def post_multipart(url: str, key: str, parts: list[tuple[bytes, bytes | None, bytes]], charset: str | None = None):
+    """POST a hand-built multipart body (what httpx would refuse to send): parts are (field, filename, content).
+    `charset` is the one Starlette decodes names with; "unicode_escape" lets a client send any code point."""
+    boundary = b"hostile-boundary-7f3a"
+    body = b""
+    for field, filename, content in parts:
+        disposition = b'form-data; name="' + field + b'"'
+        if filename is not None:
+            disposition += b'; filename="' + filename + b'"'
+        body += b"--" + boundary + b"\r\nContent-Disposition: " + disposition + b"\r\n\r\n" + content + b"\r\n"
+    body += b"--" + boundary + b"--\r\n"
+    content_type = f"multipart/form-data; boundary={boundary.decode()}" + (f"; charset={charset}" if charset else "")
+    return httpx.post(url + "/v1/adapters", content=body, timeout=60,
+                      headers={"Authorization": f"Bearer {key}", "Content-Type": content_type})
+
+
+def _adapter_parts(adapter, **replace: bytes) -> list[tuple[bytes, bytes, bytes]]:
+    files = {p.name: p.read_bytes() for p in sorted(adapter.iterdir())}
+    files.update(replace)
+    return [(b"files", name.encode(), data) for name, data in files.items()]
+
+
+HOSTILE = {  # id -> (parts(adapter), charset, status, fragment of the message)
+    "nested-safetensors-header": (
+        lambda a: [(b"name", None, b"bot")] + _adapter_parts(a, **{
+            "adapter_model.safetensors": struct.pack("<Q", len(NESTED)) + NESTED}),
+        None, 400, "adapter_model.safetensors has a corrupt safetensors header: JSON nested more than 64"),
+    "nested-adapter-config": (
+        lambda a: [(b"name", None, b"bot")] + _adapter_parts(a, **{"adapter_config.json": NESTED}),
+        None, 400, "adapter_config.json cannot be used: JSON nested more than 64"),
+    "invalid-json-named-as-sent": (
+        lambda a: [(b"name", None, b"bot")] + _adapter_parts(a, **{"adapter_config.json": b'{"r": 8,'}),
+        None, 400, "adapter_config.json is not valid JSON"),
+    "no-files": (lambda a: [(b"name", None, b"bot")], None, 400, "files"),
+    "part-without-filename": (lambda a: [(b"name", None, b"bot"), (b"files", None, b"{}")], None, 400, "files"),
+    "empty-filename": (lambda a: [(b"name", None, b"bot"), (b"files", b"", b"{}")], None, 400, "not accepted"),
+    "nul-in-filename": (lambda a: [(b"name", None, b"bot"), (b"files", b"adapter_config.json\x00", b"{}")],
+                        None, 400, "not accepted"),
+    "newline-after-filename": (lambda a: [(b"name", None, b"bot"), (b"files", b"README.md\\n", b"hi")]
+                               + _adapter_parts(a), "unicode_escape", 400, "not accepted"),
+    "lone-surrogate-filename": (lambda a: [(b"name", None, b"bot"), (b"files", b"adapter_config.json\\ud800", b"{}")]
+                                + _adapter_parts(a), "unicode_escape", 400, "not accepted"),
+    "filename-over-255-bytes": (lambda a: [(b"name", None, b"bot"), (b"files", b"a" * 300 + b".safetensors", b"")]
+                                + _adapter_parts(a), None, 400, "not accepted"),
+    "path-as-filename": (lambda a: [(b"name", None, b"bot"), (b"files", b"../adapter_config.json", b"{}")],
+                         None, 400, "not accepted"),
+    "lone-surrogate-name": (lambda a: [(b"name", None, b"bot\\ud800")] + _adapter_parts(a), "unicode_escape", 400,
+                            "invalid model name"),
+    "fullwidth-name": (lambda a: [(b"name", None, "ｂｏｔ".encode())] + _adapter_parts(a), None, 400,
+                       "invalid model name"),
+    "rtl-override-name": (lambda a: [(b"name", None, "bot\u202e".encode())] + _adapter_parts(a), None, 400,
+                          "invalid model name"),
+}
+
+
+@pytest.mark.parametrize("api_settings", ["file"], indirect=True)  # refused before storage: one backend is enough
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_uploads_are_4xx_envelopes(case, live_api, api_key, small_adapter, redis_client):
+    parts, charset, status, fragment = HOSTILE[case]
+    r = post_multipart(live_api.url, api_key, parts(small_adapter), charset)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert fragment in error["message"]
+    assert "hotswap-upload-" not in error["message"]  # never the server's temp dir
+    assert not [k for k in redis_client.keys("hotswap:reg:*") if b":model:" in k]
+
+
+@pytest.mark.parametrize("api_settings", ["file"], indirect=True)
+def test_cli_refuses_symlinks_and_sends_nothing_from_outside(live_api, api_key, small_adapter, tmp_path,
+                                                             redis_client):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:TOP SECRET\n")
+    for name, target in (("README.md", secret), ("adapter_model.safetensors", tmp_path / "weights-elsewhere")):
+        d = Path(shutil.copytree(small_adapter, tmp_path / f"with-link-{name}"))
+        if name == "adapter_model.safetensors":
+            shutil.move(d / name, target)
+        (d / name).unlink(missing_ok=True)  # PEFT writes a README.md
+        (d / name).symlink_to(target)
+        r = cli(live_api, api_key, "upload", str(d), "--name", "linked")
+        assert r.returncode == 1, r.stdout
+        assert f"{name} is a symbolic link; hotswap uploads regular files only" in r.stderr
+        assert "Traceback" not in r.stderr
+    assert not [k for k in redis_client.keys("hotswap:reg:*") if b":model:" in k]
+
+
+@pytest.mark.parametrize("api_settings", ["file"], indirect=True)
+@pytest.mark.parametrize("how", ["nested-config", "nested-header", "markup-in-message"])
+def test_cli_prints_one_line_for_hostile_adapters(how, live_api, api_key, small_adapter, tmp_path):
+    d = Path(shutil.copytree(small_adapter, tmp_path / how))
+    if how == "nested-config":
+        (d / "adapter_config.json").write_bytes(NESTED)
+    elif how == "nested-header":
+        (d / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(NESTED)) + NESTED)
+    else:  # rich would read "[/]" in the message as a closing tag and crash
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        (d / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": "[/]"}))
+    r = cli(live_api, api_key, "upload", str(d), "--name", "hostile")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
+    assert f"{d}: adapter_" in r.stderr  # the user's own path, then the file at fault
