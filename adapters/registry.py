@@ -50,6 +50,7 @@ from adapters.format import (
     LoraAdapterInfo,
 )
 from adapters.names import format_ref, parse_ref, validate_name, validate_tenant
+from hotswap import errors, keys
 
 __all__ = [
     "Deleted",
@@ -64,7 +65,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-KEY_ROOT = "hotswap:reg"
+KEY_ROOT = keys.REGISTRY
 
 # Files of a full fine-tune uploaded when present, besides config.json, the weights and the index.
 FULL_OPTIONAL_FILES = (
@@ -89,15 +90,8 @@ class RegistryError(Exception):
     """A registry operation that cannot be done (other than a missing model)."""
 
 
-class NotFound(KeyError):
-    """No such model (or version) for this tenant. A KeyError whose str() is a readable message."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
+class NotFound(errors.NotFound):
+    """No such model (or version) for this tenant."""
 
 
 class Deleted(NotFound):
@@ -187,9 +181,6 @@ def blob_prefix(tenant: str, name: str, version: int) -> str:
 # --------------------------------------------------------------------------------------------------
 # Registry
 
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
 
 
 class Registry:
@@ -384,7 +375,7 @@ class Registry:
     def list(self, tenant: str) -> list[Record]:
         """The latest non-deleted version of each of the tenant's models, sorted by name."""
         validate_tenant(tenant)
-        names = sorted(_text(n) for n in self.redis.smembers(self._names_key(tenant)))
+        names = sorted(keys.text(n) for n in self.redis.smembers(self._names_key(tenant)))
         if not names:
             return []
         with self.redis.pipeline(transaction=False) as pipe:

@@ -10,21 +10,6 @@ from api.errors import install_error_handlers
 from hotswap.settings import Settings, get_settings
 
 
-def load_base_tokenizer(settings):
-    """The base model's tokenizer and context length (the API tokenizes; it never loads weights).
-    (None, 0) when the model dir is missing: generation then answers 503 saying where it looked."""
-    import json
-
-    from hotswap.demo_model import demo_model_dir
-    from hotswap.tokenizer import Tokenizer
-
-    model_dir = settings.base_model_dir or demo_model_dir(settings.model_root)
-    if not (model_dir / "config.json").exists() or not (model_dir / "tokenizer.json").exists():
-        return None, 0
-    config = json.loads((model_dir / "config.json").read_text())
-    return Tokenizer(model_dir), int(config.get("max_position_embeddings") or 32768)
-
-
 def body_limit(settings: Settings, method: str, path: str) -> tuple[int, str] | None:
     """The most bytes a request body may have, and what to do instead (None: no body expected)."""
     if method not in ("POST", "PUT", "PATCH"):
@@ -47,6 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from scheduler.aio import AsyncQueues
 
         from adapters.registry import Registry
+        from hotswap.base_model import BaseModelMissing, load_served_base
         from hotswap.files import FileCatalog
         from hotswap.storage import open_store
 
@@ -59,7 +45,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.jobs = JobStore(app.state.redis, window_s=settings.batch_completion_window_s)
         app.state.aredis = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=30)
         app.state.aqueues = AsyncQueues(app.state.aredis, result_ttl_s=settings.result_ttl_s)
-        app.state.tokenizer, app.state.base_max_len = load_base_tokenizer(settings)
+        try:  # the API tokenizes; it never loads weights. Missing files: generation answers 503
+            app.state.served_base = load_served_base(settings)
+        except BaseModelMissing as exc:
+            app.state.served_base, app.state.served_base_missing = None, str(exc)
         try:
             yield
         finally:

@@ -13,8 +13,9 @@ import time
 import redis
 
 from adapters.names import validate_tenant
+from hotswap import keys
 
-KEYS_HASH = "hotswap:apikeys"
+KEYS_HASH = keys.API_KEYS
 KEY_PREFIX = "hs-"
 
 

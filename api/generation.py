@@ -21,7 +21,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from api.boundary import redis_unavailable
 from api.errors import APIError, envelope
 from hotswap import openai_schemas as oa
-from hotswap.protocol import GenerationRequest, GenerationResult
+from hotswap.base_model import context_limit
+from hotswap.protocol import FAILURE_STATUS, GenerationRequest, GenerationResult
 from scheduler.aio import live_workers
 from scheduler.prepare import PrepareError, ServedModel, build_request
 from scheduler.queues import QueueFull
@@ -29,24 +30,19 @@ from scheduler.queues import QueueFull
 log = logging.getLogger("hotswap.api")
 
 Kind = Literal["chat", "completion"]
-_MAX_DEFAULT_MODEL_LEN = 32768
-
-# A failed request's error code -> HTTP status of the real-time answer.
-_FAILURE_STATUS = {"invalid_request": 400, "model_unavailable": 503, "dead_letter": 500}
 
 
 async def served_model(request: Request) -> ServedModel:
     """The base model and the context length every live worker accepts; 503 when none runs."""
     state, settings = request.app.state, request.app.state.settings
-    if state.tokenizer is None:
-        raise APIError(503, f"the base model's tokenizer is not on this server: fetch it with `hotswap models "
-                            f"fetch-demo` or set HOTSWAP_BASE_MODEL_DIR", code="model_files_missing")
+    if state.served_base is None:
+        raise APIError(503, state.served_base_missing, code="model_files_missing")
     workers = await live_workers(state.aredis, settings.base_model)
     if not workers:
         raise APIError(503, f"no worker is serving {settings.base_model!r} right now; start one with `hotswap worker` "
                             "(or wait for a restarting one) and retry", code="no_worker", headers={"Retry-After": "5"})
-    limits = [w.max_model_len for w in workers if w.max_model_len] or [_MAX_DEFAULT_MODEL_LEN]
-    return ServedModel(settings.base_model, state.tokenizer, min(min(limits), state.base_max_len))
+    limit = context_limit([w.max_model_len for w in workers], state.served_base.config_len)
+    return ServedModel(settings.base_model, state.served_base.tokenizer, limit)
 
 
 async def prepare_and_submit(request: Request, body, tenant: str) -> GenerationRequest:
@@ -66,7 +62,7 @@ async def prepare_and_submit(request: Request, body, tenant: str) -> GenerationR
 def _failure(result: GenerationResult) -> APIError:
     error = result.error or {}
     code = error.get("code", "server_error")
-    return APIError(_FAILURE_STATUS.get(code, 500), error.get("message", "the request failed"), code=code)
+    return APIError(FAILURE_STATUS.get(code, 500), error.get("message", "the request failed"), code=code)
 
 
 def _finish_reason(result: GenerationResult) -> str:

@@ -33,14 +33,11 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from hotswap.metrics import METRICS, MetricDef
-from scheduler import keys
+from hotswap import keys
 from scheduler.workers import live_workers
 
 NS = "hotswap:"
 
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class HotswapCollector(Collector):
@@ -53,12 +50,12 @@ class HotswapCollector(Collector):
             for metric in METRICS.values():
                 pipe.hgetall(metric.key)
             pipe.zcard(keys.DEAD)
-            pipe.exists(keys.PREFIX + "scheduler:alive")
+            pipe.exists(keys.SCHEDULER_ALIVE)
             raw = pipe.execute()
         stored = dict(zip(METRICS, raw))
         dead, scheduler_alive = raw[len(METRICS):]
         for name, metric in METRICS.items():
-            fields = {_text(k): _text(v) for k, v in stored[name].items()}
+            fields = {keys.text(k): keys.text(v) for k, v in stored[name].items()}
             yield _counter(metric, fields) if metric.kind == "counter" else _histogram(metric, fields)
         yield GaugeMetricFamily(NS + "dead_letter_requests", "Requests dead-lettered after repeated crashes.",
                                 value=int(dead))
@@ -75,7 +72,7 @@ class HotswapCollector(Collector):
         with self.redis.pipeline(transaction=False) as pipe:
             for base in bases:
                 pipe.smembers(keys.queue_index(base))
-            names = sorted({_text(n) for members in pipe.execute() for n in members})
+            names = sorted({keys.text(n) for members in pipe.execute() for n in members})
         with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.zcard(name)

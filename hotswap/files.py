@@ -26,8 +26,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
+from hotswap import keys
+from hotswap.errors import NotFound
 from hotswap.storage import ObjectNotFound, ObjectStore
 
 __all__ = ["FILE_ID", "FileCatalog", "FileNotFound", "FileRecord", "Purpose", "PURPOSES", "file_key", "new_file_id"]
@@ -38,14 +40,10 @@ Purpose = Literal["batch", "batch_output"]
 PURPOSES: tuple[str, ...] = ("batch", "batch_output")
 FILE_ID = re.compile(r"file-[0-9a-f]{24}")
 MAX_FILENAME = 255
-REDIS_KEY = "hotswap:files:{tenant}"
 
 
-class FileNotFound(KeyError):
+class FileNotFound(NotFound):
     """No such file for this tenant (whether it never existed, was deleted, or is another's)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 class FileRecord(BaseModel):
@@ -101,7 +99,7 @@ class FileCatalog:
         self.store = store
 
     def _hash(self, tenant: str) -> str:
-        return REDIS_KEY.format(tenant=_check_tenant(tenant))
+        return keys.files(_check_tenant(tenant))
 
     def create(self, tenant: str, purpose: str, filename: str, source: Path | bytes | BinaryIO) -> FileRecord:
         """Store `source` (a path, bytes or a binary stream, read once) and record it."""

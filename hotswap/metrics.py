@@ -33,7 +33,9 @@ import threading
 from bisect import bisect_left
 from dataclasses import dataclass
 
-PREFIX = "hotswap:metrics:"
+from hotswap import keys
+
+PREFIX = keys.METRICS
 
 # Bucket bounds (seconds, or requests for batch_size), as in vLLM's metrics.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,

@@ -1,7 +1,7 @@
 """What the API, the scheduler and the workers say to each other about one generation request.
 
 A request is written to Redis once, as JSON of `GenerationRequest`, and never changes; its state
-(queued, running, done ...) lives beside it (see `scheduler/keys.py`). A worker streams
+(queued, running, done ...) lives beside it (see `hotswap/keys.py`). A worker streams
 `TokenEvent`s into the request's Redis stream and records one `GenerationResult`.
 """
 
@@ -81,6 +81,10 @@ class TokenEvent(BaseModel):
     offset: int
     text: str
     token_ids: list[int]
+
+
+# A failed request's error code -> the HTTP status it answers with (live, and in a batch's error file).
+FAILURE_STATUS = {"invalid_request": 400, "model_unavailable": 503, "dead_letter": 500}
 
 
 class GenerationResult(BaseModel):

@@ -93,6 +93,13 @@ class Settings(BaseSettings):
         return self.models_dir or self.cache_dir / "models"
 
     @property
+    def resolved_base_model_dir(self) -> Path:
+        """Where the base model's files are: HOTSWAP_BASE_MODEL_DIR, else the demo model's dir."""
+        from hotswap.demo_model import demo_model_dir
+
+        return self.base_model_dir or demo_model_dir(self.model_root)
+
+    @property
     def resolved_storage_url(self) -> str:
         return self.storage_url or f"file://{self.data_dir / 'storage'}"
 

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
 
+from hotswap.errors import NotFound
+
 if TYPE_CHECKING:
     from hotswap.settings import Settings
 
@@ -68,11 +70,8 @@ class StorageError(Exception):
     """Storage failed: bucket missing, access denied, endpoint unreachable, disk error, ..."""
 
 
-class ObjectNotFound(StorageError, KeyError):
+class ObjectNotFound(StorageError, NotFound):
     """No such object (or its hash record is missing, so it cannot be served verified)."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0]) if self.args else ""
 
 
 class IntegrityError(StorageError):

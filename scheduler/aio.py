@@ -9,7 +9,8 @@ import time
 from collections.abc import AsyncIterator
 
 from hotswap.protocol import GenerationRequest, GenerationResult, TokenEvent
-from scheduler import keys, lua
+from hotswap import keys
+from scheduler import lua
 from scheduler.queues import check_enqueued, enqueue_args
 from scheduler.workers import WorkerInfo
 
@@ -26,7 +27,7 @@ class AsyncQueues:
 
     async def cancel(self, request_id: str, tenant: str | None = None) -> str:
         answer = await self._cancel(args=[request_id, tenant or "", self.ttl, time.time()])
-        return answer.decode() if isinstance(answer, bytes) else str(answer)
+        return keys.text(answer)
 
     async def follow(self, request_id: str, *, block_ms: int = 1000) -> AsyncIterator[str | GenerationResult | None]:
         """New text as the request produces it, then its `GenerationResult`. Yields None after each

@@ -13,7 +13,7 @@ import threading
 import time
 
 from hotswap.metrics import MetricsBuffer, record_finished
-from scheduler import keys
+from hotswap import keys
 from scheduler.policy import PolicyConfig, QueueView, WorkerView, next_check_s, plan
 from scheduler.queues import Queues
 from scheduler.tasks import send_batch
@@ -21,7 +21,6 @@ from scheduler.workers import WorkerInfo, live_workers, reap
 
 log = logging.getLogger("hotswap.scheduler")
 
-DISPATCH_LOG = keys.PREFIX + "dispatch_log"  # LIST of the latest dispatched batches (JSON), newest first
 
 
 def policy_config(settings) -> PolicyConfig:
@@ -71,7 +70,7 @@ class Dispatcher:
         if now >= self._next_reap:
             self.reap()
             self._next_reap = now + min(1.0, self.settings.lease_s / 4)
-            self.redis.set(keys.PREFIX + "scheduler:alive", now, px=int(self.settings.lease_s * 1000))
+            self.redis.set(keys.SCHEDULER_ALIVE, now, px=int(self.settings.lease_s * 1000))
         workers = live_workers(self.redis)
         sleep = 0.5
         for base in sorted({w.base_model for w in workers}):
@@ -104,8 +103,8 @@ class Dispatcher:
         self.metrics.observe("batch_size", len(ids), model=model_key, priority=qclass)
         entry = {"at": time.time(), "worker": worker.id, "queue": queue, "ids": ids}
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.lpush(DISPATCH_LOG, json.dumps(entry))
-            pipe.ltrim(DISPATCH_LOG, 0, 999)
+            pipe.lpush(keys.DISPATCH_LOG, json.dumps(entry))
+            pipe.ltrim(keys.DISPATCH_LOG, 0, 999)
             pipe.execute()
         log.debug("dispatched %d from %s to %s", len(ids), queue, worker.id)
 

@@ -12,12 +12,12 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 
+from hotswap import keys
 from hotswap import openai_schemas as oa
-from hotswap.protocol import GenerationRequest, GenerationResult
+from hotswap.protocol import FAILURE_STATUS, GenerationRequest, GenerationResult
 from scheduler.job_lines import error_body, new_line_id
 
 # A worker's failure code -> the HTTP status the live endpoint answers (as api/generation.py does).
-FAILURE_STATUS = {"invalid_request": 400, "model_unavailable": 503, "dead_letter": 500}
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
 
 
@@ -98,7 +98,7 @@ def iter_redis_list(redis_client, key: str, chunk: int = 1000) -> Iterator[str]:
     while True:
         part = redis_client.lrange(key, start, start + chunk - 1)
         for item in part:
-            yield item.decode() if isinstance(item, bytes) else item
+            yield keys.text(item)
         if len(part) < chunk:
             return
         start += chunk

@@ -9,13 +9,10 @@ runner needs nothing but the cursor in the job record.
 
 from __future__ import annotations
 
-import json
-
+from hotswap.base_model import ServedBase, context_limit
 from hotswap.protocol import GenerationRequest
 from scheduler.jobs import PREPARED_CHUNK, JobRecord, prepared_key
 from scheduler.prepare import ServedModel
-
-DEFAULT_MODEL_LEN = 32768
 
 
 class ChunkWriter:
@@ -74,28 +71,10 @@ class PreparedReader:
             self._chunks.pop(batch_id, None)
 
 
-class ServedUnavailable(Exception):
-    """The scheduler cannot judge lines now (the base model's tokenizer is missing): retry later."""
-
-
-def load_base(settings) -> tuple[object, int]:
-    """The base model's tokenizer and configured context length (as the API reads them; no weights)."""
-    from hotswap.demo_model import demo_model_dir
-    from hotswap.tokenizer import Tokenizer
-
-    model_dir = settings.base_model_dir or demo_model_dir(settings.model_root)
-    if not (model_dir / "config.json").exists() or not (model_dir / "tokenizer.json").exists():
-        raise ServedUnavailable(f"the base model's config.json / tokenizer.json are not in {model_dir}: set "
-                                "HOTSWAP_BASE_MODEL_DIR or run `hotswap models fetch-demo` on the scheduler host")
-    config = json.loads((model_dir / "config.json").read_text())
-    return Tokenizer(model_dir), int(config.get("max_position_embeddings") or DEFAULT_MODEL_LEN)
-
-
-def served_model(redis_client, settings, base: tuple[object, int]) -> ServedModel:
+def served_model(redis_client, base: ServedBase) -> ServedModel:
     """What a line is judged against, as the live API judges it: the context length every live
     worker accepts (the model's own when none runs yet: a batch may be submitted before workers)."""
     from scheduler.workers import live_workers
 
-    tokenizer, config_len = base
-    limits = [w.max_model_len for w in live_workers(redis_client, settings.base_model) if w.max_model_len]
-    return ServedModel(settings.base_model, tokenizer, min(min(limits or [DEFAULT_MODEL_LEN]), config_len))
+    limits = [w.max_model_len for w in live_workers(redis_client, base.name)]
+    return ServedModel(base.name, base.tokenizer, context_limit(limits, base.config_len))

@@ -35,13 +35,15 @@ import uuid
 
 from redis.exceptions import RedisError
 
+from hotswap.base_model import BaseModelMissing, ServedBase, load_served_base
 from hotswap.files import FileNotFound
 from hotswap.protocol import GenerationRequest, GenerationResult
 from hotswap.storage import StorageError
-from scheduler import keys, lua
+from hotswap import keys
+from scheduler import lua
 from scheduler.job_lines import validate_lines
 from scheduler.job_output import classify, expired_line, iter_redis_list, unrun_line, write_result_file
-from scheduler.job_prepared import ChunkWriter, PreparedReader, ServedUnavailable, load_base, served_model
+from scheduler.job_prepared import ChunkWriter, PreparedReader, served_model
 from scheduler.jobs import PREPARED_CHUNK, TERMINAL, JobNotFound, JobRecord, JobStore, LockLost, job_prefix, update
 from scheduler.prepare import ServedModel
 from scheduler.queues import Queues, enqueue_args
@@ -52,13 +54,6 @@ LEASE_S = 15.0
 COLLECT_CHUNK = 1000
 VALIDATION_ATTEMPTS = 3  # a validation that raised this often in a row fails its batch instead of looping
 
-_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 class JobRunner:
     def __init__(self, redis_client, store, files, registry, settings, *, served: ServedModel | None = None,
@@ -67,11 +62,11 @@ class JobRunner:
         self.jobs = JobStore(redis_client, window_s=settings.batch_completion_window_s)
         self.queues = Queues(redis_client, result_ttl_s=settings.result_ttl_s)
         self._enqueue = redis_client.register_script(lua.ENQUEUE)
-        self._renew = redis_client.register_script(_RENEW)
-        self._release = redis_client.register_script(_RELEASE)
+        self._renew = redis_client.register_script(lua.RENEW_LEASE)
+        self._release = redis_client.register_script(lua.RELEASE_LEASE)
         self.id = runner_id or f"{socket.gethostname().split('.')[0]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._served = served
-        self._base: tuple[object, int] | None = None  # (tokenizer, context length of the model config)
+        self._base: ServedBase | None = None  # loaded on the first validation
         self.prepared = PreparedReader(store)
         self._cancel_sent: set[str] = set()
         self._waiting: set[str] = set()  # jobs we said cannot be validated yet (said once)
@@ -115,7 +110,7 @@ class JobRunner:
             self.prepared.forget()
             self._cancel_sent.clear()
             return 0
-        members = [_text(m) for m in self.redis.zrange(keys.JOBS_ACTIVE, 0, -1)]
+        members = [keys.text(m) for m in self.redis.zrange(keys.JOBS_ACTIVE, 0, -1)]
         for member in members:
             tenant, _, batch_id = member.partition("/")
             try:
@@ -196,13 +191,13 @@ class JobRunner:
         if self._served is not None:
             return self._served
         if self._base is None:
-            self._base = load_base(self.settings)
-        return served_model(self.redis, self.settings, self._base)
+            self._base = load_served_base(self.settings)
+        return served_model(self.redis, self._base)
 
     def _validate(self, record: JobRecord) -> JobRecord:
         try:
             served = self.served_model()
-        except ServedUnavailable as exc:
+        except BaseModelMissing as exc:
             if record.id not in self._waiting:
                 self._waiting.add(record.id)
                 log.warning("batch %s waits in validating: %s", record.id, exc)
@@ -295,7 +290,7 @@ class JobRunner:
 
     def _collect(self, record: JobRecord) -> JobRecord:
         finished = keys.job_finished(record.id)
-        ids = [_text(i) for i in self.redis.lrange(finished, 0, COLLECT_CHUNK - 1)]
+        ids = [keys.text(i) for i in self.redis.lrange(finished, 0, COLLECT_CHUNK - 1)]
         if not ids:
             return record
         with self.redis.pipeline(transaction=False) as pipe:
@@ -347,7 +342,7 @@ class JobRunner:
         ending = record.ending or ("cancelled" if record.status == "cancelling" else "completed")
         if ending != "completed" and record.id not in self._cancel_sent:
             for rid in self.redis.smembers(keys.job_open(record.id)):
-                self.queues.cancel(_text(rid))
+                self.queues.cancel(keys.text(rid))
             self._cancel_sent.add(record.id)
         record = self._collect(record)
         if self.redis.scard(keys.job_open(record.id)) or self.redis.llen(keys.job_finished(record.id)):

@@ -6,7 +6,7 @@ pass validation), cancelled (cancelling first) or expired. The API creates and c
 scheduler`. Every change of a record is a check-and-set (WATCH + MULTI), so the API's cancel and
 the runner's progress never overwrite each other.
 
-    Redis: the job keys in scheduler/keys.py (hotswap:jobs:*, hotswap:job:{batch}:*)
+    Redis: the job keys in hotswap/keys.py (hotswap:jobs:*, hotswap:job:{batch}:*)
     tenants/{tenant}/batches/{batch}/prepared/{k:06d}.jsonl
                                    (object storage) the validated requests, GenerationRequest JSON
                                    one a line, PREPARED_CHUNK lines an object; fed from a cursor
@@ -47,7 +47,8 @@ from typing import Literal
 import redis as redis_lib
 from pydantic import BaseModel
 
-from scheduler import keys
+from hotswap import keys
+from hotswap.errors import NotFound
 
 __all__ = ["ENDPOINTS", "JobNotFound", "JobRecord", "JobStateError", "JobStore", "TERMINAL",
            "PREPARED_CHUNK", "job_prefix", "new_batch_id", "prepared_key"]
@@ -77,9 +78,8 @@ def new_batch_id(now_us: int | None = None) -> str:
     return f"batch_{now_us:013x}{secrets.token_hex(6)[:11]}"
 
 
-class JobNotFound(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
+class JobNotFound(NotFound):
+    """No such batch for this tenant."""
 
 
 class JobStateError(ValueError):
@@ -140,9 +140,6 @@ class JobRecord(BaseModel):
         return body
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 def check_metadata(metadata: dict | None) -> dict[str, str] | None:
     """OpenAI's limits: at most 16 pairs, keys up to 64 characters, values up to 512, all strings."""
@@ -177,7 +174,7 @@ class JobStore:
 
     def list(self, tenant: str, limit: int = 20, after: str | None = None) -> list[JobRecord]:
         """Newest first; `after` (an id) starts just past that job."""
-        ids = sorted((_text(i) for i in self.redis.hkeys(keys.job_records(tenant))), reverse=True)
+        ids = sorted((keys.text(i) for i in self.redis.hkeys(keys.job_records(tenant))), reverse=True)
         ids = [i for i in ids if after is None or i < after][:max(limit, 0)]
         raws = self.redis.hmget(keys.job_records(tenant), ids) if ids else []
         return [JobRecord.model_validate_json(r) for r in raws if r is not None]
@@ -223,7 +220,7 @@ def update(redis_client, tenant: str, batch_id: str, change, *, lock: tuple[str,
         for _ in range(retries):
             try:
                 pipe.watch(hash_key, *([lock[0]] if lock else []))
-                if lock and _text(pipe.get(lock[0]) or b"") != lock[1]:
+                if lock and keys.text(pipe.get(lock[0]) or b"") != lock[1]:
                     raise LockLost(f"the job runner lease moved away from {lock[1]}")
                 raw = pipe.hget(hash_key, batch_id)
                 if raw is None:

@@ -4,12 +4,12 @@ A request moves queued -> assigned (a dispatcher took it for a worker) -> runnin
 claimed it) -> done | failed | cancelled, and back to queued when its worker dies or drains.
 Ownership is checked on every step (worker id and attempt number), so a late message or a worker
 that lost its lease can never record a second result. Keys are built inside the scripts (one Redis,
-not Cluster); their layout is documented in `scheduler/keys.py`.
+not Cluster); their layout is documented in `hotswap/keys.py`.
 """
 
 from __future__ import annotations
 
-from scheduler.keys import PREFIX
+from hotswap.keys import PREFIX
 
 _COMMON = """
 local P = '%(prefix)s'
@@ -186,3 +186,8 @@ end
 finalize(id, 'cancelled', plain_result(id, 'cancelled', {finish_reason = 'abort'}), ttl)
 return 'cancelled'
 """
+
+# A lease held in one key (the job runner's): renewed or released only by its holder.
+# KEYS: the lease key; ARGV: holder id, ttl ms (renew) -> 1 done, 0 not the holder
+RENEW_LEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+RELEASE_LEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"

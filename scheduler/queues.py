@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass
 
 from hotswap.protocol import GenerationRequest, GenerationResult
-from scheduler import keys, lua
+from hotswap import keys
+from scheduler import lua
 
 DEFAULT_RESULT_TTL_S = 24 * 3600
 
@@ -34,9 +35,6 @@ class QueueStat:
     oldest_score: float  # enqueue time of its oldest request
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 class Queues:
     def __init__(self, redis_client, *, result_ttl_s: int = DEFAULT_RESULT_TTL_S):
@@ -58,11 +56,11 @@ class Queues:
     def cancel(self, request_id: str, tenant: str | None = None) -> str:
         """'cancelled' (it was not running), 'cancelling' (its worker will abort it), 'unknown', or the
         state it already finished in ('done', 'failed', 'cancelled')."""
-        return _text(self._cancel(args=[request_id, tenant or "", self.ttl, time.time()]))
+        return keys.text(self._cancel(args=[request_id, tenant or "", self.ttl, time.time()]))
 
     def state(self, request_id: str) -> dict[str, str]:
         raw = self.redis.hgetall(keys.request(request_id))
-        return {_text(k): _text(v) for k, v in raw.items() if _text(k) != "spec"}
+        return {keys.text(k): keys.text(v) for k, v in raw.items() if keys.text(k) != "spec"}
 
     def spec(self, request_id: str) -> GenerationRequest | None:
         raw = self.redis.hget(keys.request(request_id), "spec")
@@ -78,7 +76,7 @@ class Queues:
     # -- dispatcher side --------------------------------------------------------------------------
 
     def stats(self, base_model: str) -> list[QueueStat]:
-        names = sorted(_text(n) for n in self.redis.smembers(keys.queue_index(base_model)))
+        names = sorted(keys.text(n) for n in self.redis.smembers(keys.queue_index(base_model)))
         if not names:
             return []
         with self.redis.pipeline(transaction=False) as pipe:
@@ -98,22 +96,22 @@ class Queues:
         """Atomically move up to `n` of the queue's oldest requests to `worker_id` (never more than
         the worker's free room, never to a worker whose lease has lapsed)."""
         ids = self._take(args=[queue_name, n, worker_id, max_inflight, int(isolate), time.time()])
-        return [_text(i) for i in ids]
+        return [keys.text(i) for i in ids]
 
     def requeue(self, request_id: str, worker_id: str, *, crashed: bool, max_attempts: int = 3,
                 isolate_after: int = 2) -> str:
         """'requeued' | 'dead' | 'cancelled' | 'skip' (not that worker's any more)."""
-        return _text(self._requeue(args=[request_id, worker_id, int(crashed), max_attempts, isolate_after,
+        return keys.text(self._requeue(args=[request_id, worker_id, int(crashed), max_attempts, isolate_after,
                                          self.ttl, time.time()]))
 
     def stale_assignments(self, older_than_s: float) -> list[tuple[str, str]]:
         """(request id, worker id) of requests dispatched but never claimed (a lost Celery message)."""
-        ids = [_text(i) for i in self.redis.zrangebyscore(keys.ASSIGNED, "-inf", time.time() - older_than_s)]
+        ids = [keys.text(i) for i in self.redis.zrangebyscore(keys.ASSIGNED, "-inf", time.time() - older_than_s)]
         with self.redis.pipeline(transaction=False) as pipe:
             for rid in ids:
                 pipe.hget(keys.request(rid), "worker")
             workers = pipe.execute()
-        return [(rid, _text(w)) for rid, w in zip(ids, workers) if w]
+        return [(rid, keys.text(w)) for rid, w in zip(ids, workers) if w]
 
     # -- worker side ------------------------------------------------------------------------------
 
@@ -131,14 +129,14 @@ class Queues:
         return bool(self._complete(args=[result.id, worker_id, attempt, state, result.model_dump_json(), self.ttl]))
 
     def inflight(self, worker_id: str) -> set[str]:
-        return {_text(i) for i in self.redis.smembers(keys.worker_inflight(worker_id))}
+        return {keys.text(i) for i in self.redis.smembers(keys.worker_inflight(worker_id))}
 
     def pop_cancels(self, worker_id: str) -> list[str]:
         with self.redis.pipeline() as pipe:
             pipe.lrange(keys.worker_cancels(worker_id), 0, -1)
             pipe.delete(keys.worker_cancels(worker_id))
             ids, _ = pipe.execute()
-        return [_text(i) for i in ids]
+        return [keys.text(i) for i in ids]
 
 
 def enqueue_args(req: GenerationRequest, cap: int, tenant_cap: int) -> list:
@@ -147,7 +145,7 @@ def enqueue_args(req: GenerationRequest, cap: int, tenant_cap: int) -> list:
 
 
 def check_enqueued(answer, req: GenerationRequest, cap: int, tenant_cap: int) -> None:
-    answer = _text(answer)
+    answer = keys.text(answer)
     if answer == "full":
         raise QueueFull(f"the server's {req.priority} queue is full ({cap} waiting requests)", "global")
     if answer == "full_tenant":

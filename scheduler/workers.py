@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from pydantic import BaseModel, Field
 
-from scheduler import keys
+from hotswap import keys
 from scheduler.queues import Queues
 
 log = logging.getLogger("hotswap.scheduler")
@@ -86,7 +86,7 @@ def live_workers(redis_client, base_model: str | None = None) -> list[WorkerInfo
         if not alive:
             continue
         w.inflight = int(inflight)
-        w.inflight_models = {_text(k): int(v) for k, v in models.items() if int(v) > 0}
+        w.inflight_models = {keys.text(k): int(v) for k, v in models.items() if int(v) > 0}
         w.isolated = bool(isolated)
         out.append(w)
     return out
@@ -98,7 +98,7 @@ def reap(redis_client, queues: Queues, *, max_attempts: int, isolate_after: int,
     `on_dead(request_id)` is called for each request this dead-lettered."""
     counts = {"requeued": 0, "dead": 0, "cancelled": 0, "workers": 0}
     for raw_id in redis_client.hkeys(keys.WORKERS):
-        wid = _text(raw_id)
+        wid = keys.text(raw_id)
         if redis_client.exists(keys.worker_alive(wid)):
             continue
         info = redis_client.hget(keys.WORKERS, wid)
@@ -118,6 +118,3 @@ def reap(redis_client, queues: Queues, *, max_attempts: int, isolate_after: int,
         counts[outcome] = counts.get(outcome, 0) + 1
     return counts
 
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:  # `python scripts/x.py` puts scripts/ first, not 
 
 from hotswap.localhost import free_port, redis_executable  # noqa: E402
 
-HOTSWAP = [sys.executable, "-m", "hotswap.cli"]
+HOTSWAP = [sys.executable, "-m", "cli.main"]
 
 
 def default_model_dir() -> Path:

@@ -63,7 +63,7 @@ if str(ROOT) not in sys.path:  # `python scripts/bench_scheduler.py` puts script
     sys.path.insert(0, str(ROOT))
 
 from hotswap.protocol import GenerationRequest, GenerationResult, ModelTarget, SamplingSpec  # noqa: E402
-from scheduler import keys  # noqa: E402
+from hotswap import keys  # noqa: E402
 from scheduler.policy import PolicyConfig, QueueView, next_check_s, plan  # noqa: E402
 from scheduler.queues import Queues  # noqa: E402
 from scheduler.workers import WorkerInfo, live_workers  # noqa: E402

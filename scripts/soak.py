@@ -19,7 +19,7 @@ Checks (exit code 1 when one fails):
 - nothing lost: every request sent ended with a complete 200 stream, or with a documented refusal
   (429 queue full; 503 only inside the kill window: kill -> replacement live + lease);
 - nothing duplicated: every answered request's id has exactly one result entry in its Redis output
-  stream (scheduler/keys.py), its streamed text equals the recorded result's text (a rerun after the
+  stream (hotswap/keys.py), its streamed text equals the recorded result's text (a rerun after the
   kill is not repeated to the client), response ids are unique, and Redis holds no request that no
   client saw;
 - no 5xx other than that 503;
@@ -427,7 +427,7 @@ async def load_phase(client: Client, rate: float, args, console) -> dict:
             pid, wid = await asyncio.to_thread(client.h.kill_worker, n % args.workers)
             events["kill_t"] = clock()
             if wid is not None:
-                from scheduler import keys
+                from hotswap import keys
 
                 inflight_before = [x.decode() for x in client.h.redis.smembers(keys.worker_inflight(wid))]
             events.update(killed_pid=pid, killed_worker=wid, inflight_on_killed=inflight_before)
@@ -465,7 +465,7 @@ async def load_phase(client: Client, rate: float, args, console) -> dict:
 
 def read_stored(redis_client, ids: list[str]) -> dict[str, StoredResult]:
     """What Redis holds for each id (state, result entries in the output stream, the result)."""
-    from scheduler import keys
+    from hotswap import keys
 
     out = {}
     for chunk in range(0, len(ids), 200):
@@ -485,7 +485,7 @@ def read_stored(redis_client, ids: list[str]) -> dict[str, StoredResult]:
 
 
 def stored_request_ids(redis_client) -> set[str]:
-    from scheduler import keys
+    from hotswap import keys
 
     prefix = keys.request("")
     return {k.decode()[len(prefix):] for k in redis_client.scan_iter(match=prefix + "*", count=1000)}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-HOTSWAP = [sys.executable, "-c", "from hotswap.cli import main; main()"]
+HOTSWAP = [sys.executable, "-c", "from cli.main import main; main()"]
 
 
 def stack_env(redis_url: str, storage_env: dict[str, str], model_dir: Path, cache_dir: Path, **overrides) -> dict:

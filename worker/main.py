@@ -14,16 +14,14 @@ log = logging.getLogger("hotswap.worker")
 
 
 def build_engine(settings):
-    from hotswap.demo_model import demo_model_dir, fetch_demo_model
+    from hotswap.demo_model import fetch_demo_model
     from worker.engine.config import EngineConfig
     from worker.engine.engine import LLMEngine
 
-    model_dir = settings.base_model_dir
-    if model_dir is None:
-        model_dir = demo_model_dir(settings.model_root)
-        if not (model_dir / "config.json").exists():
-            log.info("demo model not found: fetching it once")
-            model_dir = fetch_demo_model(settings.model_root, log=log.info)
+    model_dir = settings.resolved_base_model_dir
+    if settings.base_model_dir is None and not (model_dir / "config.json").exists():
+        log.info("demo model not found: fetching it once")
+        model_dir = fetch_demo_model(settings.model_root, log=log.info)
     return LLMEngine(EngineConfig(
         model=model_dir, device=settings.device, dtype=settings.dtype, max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=max(1024, settings.max_num_seqs), max_loras=settings.max_loras,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from hotswap.metrics import MetricsBuffer, record_finished
 from hotswap.protocol import GenerationRequest, GenerationResult, TokenEvent
-from scheduler import keys
+from hotswap import keys
 from scheduler.queues import Queues
 from scheduler.workers import WorkerInfo, deregister, heartbeat, rejoin
 from worker.targets import LocalModel, TargetError, fetch_target

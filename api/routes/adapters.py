@@ -9,7 +9,6 @@ upload leaves no record and no object behind.
 from __future__ import annotations
 
 import asyncio
-import json
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -35,13 +34,12 @@ def record_json(record) -> dict:
 
 
 def base_config(settings) -> dict:
-    from hotswap.demo_model import demo_model_dir
+    from hotswap.base_model import BaseModelMissing, read_config
 
-    model_dir = settings.base_model_dir or demo_model_dir(settings.model_root)
-    path = Path(model_dir) / "config.json"
-    if not path.exists():
-        raise APIError(503, f"the base model's config is not available on this server ({path})")
-    return json.loads(path.read_text())
+    try:
+        return read_config(settings)
+    except BaseModelMissing as exc:
+        raise APIError(503, str(exc), code="model_files_missing") from None
 
 
 base_router = APIRouter(tags=["adapters"])

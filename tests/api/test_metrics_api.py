@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hotswap.metrics import MetricsBuffer, record_finished
 from hotswap.protocol import GenerationRequest, GenerationResult, ModelTarget, SamplingSpec
-from scheduler import keys
+from hotswap import keys
 from scheduler.queues import Queues
 from scheduler.workers import WorkerInfo, heartbeat
 from tests.api.conftest import LiveServer
@@ -76,7 +76,7 @@ def test_live_state_and_aggregated_observations(metrics_api, redis_client):
     [rid] = queues.take(keys.queue(BASE, "realtime", "base"), 1, "gpu1", 4)
     assert queues.claim(rid, "gpu1") is not None
     assert queues.requeue(rid, "gpu1", crashed=True, max_attempts=1) == "dead"
-    redis_client.set(keys.PREFIX + "scheduler:alive", 1, px=30000)
+    redis_client.set(keys.SCHEDULER_ALIVE, 1, px=30000)
 
     # Observations from two processes (a dispatcher and a worker), flushed into the same hashes.
     dispatcher, worker = MetricsBuffer(), MetricsBuffer()

@@ -34,7 +34,7 @@ def error_of(resp: httpx.Response, status: int) -> dict:
 
 
 def nothing_queued(stack) -> bool:
-    from scheduler import keys
+    from hotswap import keys
 
     return not any(stack.redis.scan_iter(match=keys.PREFIX + "req:*", count=1000))
 
@@ -42,7 +42,7 @@ def nothing_queued(stack) -> bool:
 @pytest.fixture(autouse=True)
 def finished_requests_forgotten(live_stack):
     """Each test starts with no request records, so `nothing_queued` sees only its own."""
-    from scheduler import keys
+    from hotswap import keys
 
     for key in live_stack.redis.scan_iter(match=keys.PREFIX + "req:*", count=1000):
         live_stack.redis.delete(key)

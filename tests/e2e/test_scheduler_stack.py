@@ -15,9 +15,8 @@ import time
 
 import pytest
 
+from hotswap import keys
 from hotswap.protocol import GenerationRequest, ModelTarget, SamplingSpec
-from scheduler import keys
-from scheduler.dispatcher import DISPATCH_LOG
 from scheduler.queues import Queues
 from tests.stack import Stack, stack_env, wait_results
 
@@ -97,7 +96,7 @@ def test_mixed_adapters_match_the_engine_and_run_in_per_model_batches(
         assert got.text == want.text
 
     # Dispatched in batches of one model each, several requests per batch.
-    log = [json.loads(e) for e in redis_client.lrange(DISPATCH_LOG, 0, -1)]
+    log = [json.loads(e) for e in redis_client.lrange(keys.DISPATCH_LOG, 0, -1)]
     by_queue: dict[str, int] = {}
     for entry in log:
         models = {json.loads(redis_client.hget(keys.request(i), "spec"))["target"]["kind"] for i in entry["ids"]}

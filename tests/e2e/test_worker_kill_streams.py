@@ -16,7 +16,7 @@ import uuid
 import httpx
 import pytest
 
-from scheduler import keys
+from hotswap import keys
 from tests.stack import Stack, stack_env
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from hotswap.protocol import GenerationResult
-from scheduler import keys
+from hotswap import keys
 from scheduler.job_runner import JobRunner
 from scheduler.jobs import JobStateError, JobStore
 from scheduler.prepare import ServedModel

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from hotswap.protocol import GenerationRequest, GenerationResult, ModelTarget, SamplingSpec
-from scheduler import keys
+from hotswap import keys
 from scheduler.queues import QueueFull, Queues
 
 BASE = "tiny"

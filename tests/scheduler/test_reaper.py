@@ -7,7 +7,7 @@ import time
 import pytest
 
 from hotswap.protocol import GenerationRequest, ModelTarget, SamplingSpec
-from scheduler import keys
+from hotswap import keys
 from scheduler.queues import Queues
 from scheduler.workers import WorkerInfo, deregister, heartbeat, live_workers, reap, rejoin
 

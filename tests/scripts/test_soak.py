@@ -92,7 +92,7 @@ def test_capacity_counts_the_last_two_thirds_of_the_window(soak):
 
 
 def test_read_stored_counts_result_entries(soak, redis_client):
-    from scheduler import keys
+    from hotswap import keys
 
     def result(rid, text):
         return json.dumps({"id": rid, "status": "completed", "text": text, "completion_tokens": 2})

@@ -1,4 +1,5 @@
-"""Every Redis key the scheduler, the workers and the API share, in one place.
+"""Every Redis key of hotswap, in one place (the Lua scripts in scheduler/lua.py build the same
+names from PREFIX inside Redis).
 
     hotswap:req:{id}              HASH   spec (GenerationRequest JSON), state, attempts, worker, queue,
                                          qclass, model_key, score, tenant, cancel, result ...
@@ -25,6 +26,12 @@
     hotswap:job:{batch}:finished  LIST   ids of its finished requests (RPUSHed once each, by the queues)
     hotswap:job:{batch}:output    LIST   output.jsonl lines collected so far
     hotswap:job:{batch}:errors    LIST   errors.jsonl lines collected so far
+    hotswap:scheduler:alive       STRING the scheduler's heartbeat (expires unless renewed)
+    hotswap:dispatch_log          LIST   the latest dispatched batches (JSON), newest first
+    hotswap:apikeys               HASH   sha256 of an API key -> {"tenant"} JSON
+    hotswap:files:{tenant}        HASH   file id -> FileRecord JSON (one tenant's files)
+    hotswap:reg:...               the adapter registry (adapters/registry.py: names, versions)
+    hotswap:metrics:...           counters and histograms the processes flush (hotswap/metrics.py)
 
 qclass is "realtime", "batch", or "suspect" (a request whose runs crashed a worker more than once
 is run alone, so the next crash is blamed on it and not on its neighbours).
@@ -41,6 +48,11 @@ DEAD = PREFIX + "dead"
 WAKE = PREFIX + "wake"
 JOBS_ACTIVE = PREFIX + "jobs:active"
 JOBS_RUNNER = PREFIX + "jobs:runner"
+SCHEDULER_ALIVE = PREFIX + "scheduler:alive"
+DISPATCH_LOG = PREFIX + "dispatch_log"
+API_KEYS = PREFIX + "apikeys"
+REGISTRY = PREFIX + "reg"
+METRICS = PREFIX + "metrics:"
 
 
 def request(request_id: str) -> str:
@@ -107,6 +119,15 @@ def job_output(batch_id: str) -> str:
 
 def job_errors(batch_id: str) -> str:
     return f"{PREFIX}job:{batch_id}:errors"
+
+
+def files(tenant: str) -> str:
+    return f"{PREFIX}files:{tenant}"
+
+
+def text(value) -> str:
+    """A Redis reply (bytes, or str when decode_responses is on) as str."""
+    return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
 
 
 def celery_queue(base_model: str, worker_id: str) -> str:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from hotswap.up import RestartPolicy, Up, UpError, how_it_ended, pid_alive, port_free
+from cli.up import RestartPolicy, Up, UpError, how_it_ended, pid_alive, port_free
 from tests.servers import free_port
 
 BASE = "smollm2-135m-instruct"
@@ -60,7 +60,7 @@ class UpProcess:
                    HOTSWAP_CACHE_DIR=str(tmp_path / "cache"), HOTSWAP_DEVICE="cpu", HOTSWAP_KV_CACHE_GB="0.1",
                    HOTSWAP_MAX_NUM_SEQS="8", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", COLUMNS="60")
         env.pop("HOTSWAP_REDIS_URL", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "hotswap.cli", "up", "--port", str(self.port),
+        self.proc = subprocess.Popen([sys.executable, "-m", "cli.main", "up", "--port", str(self.port),
                                       "--redis-port", str(self.redis_port)],
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.stdout, self.stderr = Output(self.proc.stdout), Output(self.proc.stderr)
@@ -182,7 +182,7 @@ def test_a_child_dying_stops_everything_with_an_error(tmp_path, demo_model_dir, 
     fake.write_text("import sys\n"
                     "if sys.argv[1] == 'scheduler':\n"
                     "    print('scheduler: something broke'); sys.exit(3)\n"
-                    "from hotswap.cli import main\n"
+                    "from cli.main import main\n"
                     "main()\n")
     monkeypatch.setenv("HOTSWAP_BASE_MODEL_DIR", str(demo_model_dir))
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))

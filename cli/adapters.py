@@ -13,47 +13,10 @@ from typing import Annotated, BinaryIO, Optional
 import typer
 from rich.table import Table
 
-from hotswap.console import err, fail, out
+from cli.client import Api, ApiKey, ApiUrl
+from cli.console import err, fail, out
 
 app = typer.Typer(help="Upload and manage your LoRA adapters and full fine-tunes.", no_args_is_help=True)
-
-ApiUrl = Annotated[Optional[str], typer.Option("--api-url", help="API base URL (default: HOTSWAP_API_URL or http://127.0.0.1:8000).")]
-ApiKey = Annotated[Optional[str], typer.Option("--api-key", help="Your API key (default: HOTSWAP_API_KEY).")]
-
-
-class Api:
-    """A thin httpx client that turns every failure into one readable line."""
-
-    def __init__(self, api_url: str | None, api_key: str | None):
-        import httpx
-
-        from hotswap.settings import get_settings
-
-        settings = get_settings()
-        self.base = (api_url or settings.api_url).rstrip("/")
-        key = api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
-        if not key:
-            fail("no API key: pass --api-key or set HOTSWAP_API_KEY (an admin creates one with `hotswap keys create`)")
-        self.client = httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {key}"}, timeout=600)
-
-    def call(self, method: str, path: str, **kw) -> dict:
-        import httpx
-
-        try:
-            response = self.client.request(method, path, **kw)
-        except httpx.HTTPError as exc:
-            fail(f"cannot reach the API at {self.base}: {exc}")
-        if response.status_code >= 400:
-            try:
-                message = response.json()["error"]["message"]
-            except Exception:
-                message = response.text[:300]
-            fail(f"{message} (HTTP {response.status_code})")
-        try:
-            return response.json()
-        except ValueError:
-            fail(f"the API at {self.base} answered {path} with something other than JSON: is that the hotswap API?")
-
 
 class _ProgressReader:
     """A file wrapper that advances a progress bar as httpx streams it."""

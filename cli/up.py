@@ -43,7 +43,7 @@ from rich.console import Console
 from hotswap.localhost import free_port, port_free, redis_executable
 
 TENANT = "local"
-HOTSWAP = [sys.executable, "-m", "hotswap.cli"]
+HOTSWAP = [sys.executable, "-m", "cli.main"]
 
 out = Console(soft_wrap=True, highlight=False)  # long commands stay copy-pasteable: never wrapped
 err = Console(stderr=True, soft_wrap=True, highlight=False)
@@ -164,13 +164,13 @@ class Up:
                           f"stop it first, use another --data-dir, or delete {self.state_file} if that process is not it")
 
     def _model_dir(self, settings) -> Path:
-        from hotswap.demo_model import demo_model_dir, fetch_demo_model, is_complete
+        from hotswap.demo_model import fetch_demo_model, is_complete
 
+        model_dir = settings.resolved_base_model_dir
         if settings.base_model_dir is not None:
-            if not (settings.base_model_dir / "config.json").exists():
-                raise UpError(f"HOTSWAP_BASE_MODEL_DIR={settings.base_model_dir} is not a model dir (no config.json)")
-            return settings.base_model_dir
-        model_dir = demo_model_dir(settings.model_root)
+            if not (model_dir / "config.json").exists():
+                raise UpError(f"HOTSWAP_BASE_MODEL_DIR={model_dir} is not a model dir (no config.json)")
+            return model_dir
         if is_complete(model_dir):
             return model_dir
         with err.status("fetching the demo model (SmolLM2-135M-Instruct) once ...") as status:
@@ -288,7 +288,7 @@ class Up:
         """Until the API answers, a scheduler runs and the workers registered. False if stopped or failed."""
         import httpx
 
-        from scheduler import keys
+        from hotswap import keys
         from scheduler.workers import live_workers
 
         deadline = time.monotonic() + self.startup_timeout_s
@@ -308,7 +308,7 @@ class Up:
                         api_ok = httpx.get(f"http://{_connect_host(self.host)}:{self.port}/healthz", timeout=1).status_code == 200
                     except httpx.HTTPError:
                         pass
-                scheduler_ok = bool(client.exists(keys.PREFIX + "scheduler:alive"))
+                scheduler_ok = bool(client.exists(keys.SCHEDULER_ALIVE))
                 workers_up = len(live_workers(client))
                 if api_ok and scheduler_ok and workers_up >= self.workers:
                     return True

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hotswap.console import err, fail
+from cli.console import err, fail
 
 app = typer.Typer(
     help="hotswap: serve many fine-tunes of one base LLM from your own GPUs.\n\n"
@@ -23,10 +23,10 @@ app.add_typer(keys_app, name="keys")
 
 
 def _register_subcommands() -> None:
-    from adapters.cli import app as adapters_app
+    from cli.adapters import app as adapters_app
 
     app.add_typer(adapters_app, name="adapters")
-    from hotswap.batch_cli import app as batch_app
+    from cli.batch import app as batch_app
 
     app.add_typer(batch_app, name="batch")
 
@@ -95,7 +95,7 @@ def up(
     startup_timeout: Annotated[float, typer.Option(help="Seconds to wait for everything to be ready.")] = 600.0,
 ) -> None:
     """Run the whole stack here: embedded Redis, file storage, the demo model, scheduler, worker(s), API. Ctrl-C stops it."""
-    from hotswap.up import run_up
+    from cli.up import run_up
 
     raise typer.Exit(run_up(host=host, port=port, redis_port=redis_port, data_dir=data_dir, workers=workers,
                             startup_timeout_s=startup_timeout))
@@ -144,14 +144,14 @@ def health(
     import redis
 
     from hotswap.settings import get_settings
-    from scheduler import keys
+    from hotswap import keys
     from scheduler.workers import live_workers
 
     settings = get_settings()
     try:
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
         if role == "scheduler":
-            ok = bool(client.exists(keys.PREFIX + "scheduler:alive"))
+            ok = bool(client.exists(keys.SCHEDULER_ALIVE))
         elif role == "worker":
             ok = any(w.hostname == socket.gethostname() for w in live_workers(client))
         else:

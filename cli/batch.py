@@ -17,21 +17,14 @@ from typing import Annotated, Optional
 import typer
 
 from hotswap import safe_json
-from hotswap.console import err, fail, out
+from cli.client import Api, ApiKey, ApiUrl
+from cli.console import err, fail, out
 
 app = typer.Typer(help="Batch jobs: submit a JSONL file of requests, follow it, fetch the results.",
                   no_args_is_help=True)
 
-ApiUrl = Annotated[Optional[str], typer.Option("--api-url", help="API base URL (default: HOTSWAP_API_URL or http://127.0.0.1:8000).")]
-ApiKey = Annotated[Optional[str], typer.Option("--api-key", help="Your API key (default: HOTSWAP_API_KEY).")]
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 ENDED = ("completed", "failed", "expired", "cancelled")
-
-
-def _api(api_url: str | None, api_key: str | None):
-    from adapters.cli import Api  # the same one-line-error httpx client
-
-    return Api(api_url, api_key)
 
 
 def check_jsonl(path: Path) -> int:
@@ -106,7 +99,7 @@ def submit(
             fail(f"--metadata takes KEY=VALUE, got {item!r}")
         pairs[key] = value
     lines = check_jsonl(file)
-    api = _api(api_url, api_key)
+    api = Api(api_url, api_key)
     with open(file, "rb") as f:
         uploaded = api.call("POST", "/v1/files", data={"purpose": "batch"},
                             files={"file": (file.name, f, "application/jsonl")})
@@ -134,7 +127,7 @@ def status(
     api_key: ApiKey = None,
 ) -> None:
     """A batch's status and request counts."""
-    batch = _api(api_url, api_key).call("GET", f"/v1/batches/{batch_id}")
+    batch = Api(api_url, api_key).call("GET", f"/v1/batches/{batch_id}")
     if as_json:
         out.print_json(json.dumps(batch))
         return
@@ -176,7 +169,7 @@ def results(
     api_key: ApiKey = None,
 ) -> None:
     """Download a finished batch's output (and error) file; lines carry custom_id to join on."""
-    api = _api(api_url, api_key)
+    api = Api(api_url, api_key)
     batch = api.call("GET", f"/v1/batches/{batch_id}")
     if batch["status"] == "failed":
         _print_errors(batch)
@@ -206,7 +199,7 @@ def cancel(
     api_key: ApiKey = None,
 ) -> None:
     """Cancel a batch: finished requests keep their results, the rest never run."""
-    batch = _api(api_url, api_key).call("POST", f"/v1/batches/{batch_id}/cancel")
+    batch = Api(api_url, api_key).call("POST", f"/v1/batches/{batch_id}/cancel")
     out.print(_summary(batch), highlight=False, markup=False)
 
 
@@ -219,7 +212,7 @@ def list_(
     """Your batches, newest first."""
     from rich.table import Column, Table
 
-    rows = _api(api_url, api_key).call("GET", "/v1/batches", params={"limit": limit})["data"]
+    rows = Api(api_url, api_key).call("GET", "/v1/batches", params={"limit": limit})["data"]
     if not rows:
         out.print("no batches yet: start one with `hotswap batch submit FILE.jsonl`")
         return

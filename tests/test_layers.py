@@ -1,0 +1,44 @@
+"""The packages' dependency direction (DESIGN.md): cli -> api -> {scheduler, adapters} -> hotswap;
+worker -> scheduler, adapters, hotswap. Read from every import statement of every module, those
+inside functions included (the lazy ones are imports too)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("cli", "api", "scheduler", "worker", "adapters", "hotswap")
+# package -> the packages of ours it must never import
+FORBIDDEN = {
+    "hotswap": {"cli", "api", "scheduler", "worker", "adapters"},  # the foundation imports none of the others
+    "adapters": {"cli", "api", "scheduler", "worker"},
+    "scheduler": {"cli", "api", "worker"},
+    "api": {"cli", "worker"},
+    "worker": {"cli", "api"},
+}
+
+
+def imported_packages(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names & set(PACKAGES)
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_a_package_imports_only_the_layers_below_it(package):
+    wrong = {str(p.relative_to(ROOT)): sorted(imported_packages(p) & FORBIDDEN[package])
+             for p in sorted((ROOT / package).rglob("*.py"))}
+    assert not {k: v for k, v in wrong.items() if v}
+
+
+def test_the_check_sees_lazy_imports(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from api.app import create_app\n    import worker.engine\n")
+    assert imported_packages(module) == {"api", "worker"}
