@@ -1,4 +1,5 @@
-"""Shared plumbing for the attention/KV kernels: Triton-or-torch dispatch and shape checks."""
+"""Shared plumbing of every kernel: the one Triton import, the one Triton-or-torch dispatch rule,
+and shape checks."""
 
 from __future__ import annotations
 
@@ -22,14 +23,22 @@ HAS_TRITON = triton is not None
 FORCE_ENV = "HOTSWAP_FORCE_TRITON"
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """Triton for CUDA tensors; for CPU tensors only when forced (interpreter tests)."""
-    if not HAS_TRITON:
+def use_triton(t: torch.Tensor, force: bool | None = None) -> bool:
+    """Whether a kernel call on `t` runs Triton (else its torch reference).
+
+    force=None: Triton for CUDA tensors, and for CPU tensors when HOTSWAP_FORCE_TRITON=1 (the
+    interpreter tests); force=True: Triton; force=False: the reference, even on CUDA.
+    """
+    if force is False:
         return False
+    if force is None and not t.is_cuda and os.environ.get(FORCE_ENV) != "1":
+        return False
+    if not HAS_TRITON:
+        if force:
+            raise RuntimeError("Triton was requested but is not installed: pip install 'hotswap[worker]'")
+        return False  # CPU-only installs: the torch references
     if t.is_cuda:
         return True
-    if os.environ.get(FORCE_ENV) != "1":
-        return False
     # Triton decides interpret-vs-compile for its own library once, when it is imported.
     if not isinstance(tl.max, InterpretedFunction):
         raise RuntimeError(

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from worker.kernels._dispatch import cdiv, check_attention, jit, next_pow2, tl, use_triton
+from worker.kernels._online_softmax import LOG2E, attend_tile
 
-_LOG2E = 1.4426950408889634
 _MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the extra parallelism
 _MAX_SPLITS = 32
 
@@ -136,31 +136,10 @@ def _decode_split_kernel(
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bts
     for tok0 in range(start, end, BLOCK_N):
-        pos = tok0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] logical positions
-        valid = pos < end
-        block = tl.load(bt_row + (pos // BLOCK_SIZE) * stride_btb, mask=valid, other=0).to(tl.int64)
-        off = pos % BLOCK_SIZE
-        kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + block[:, None] * stride_kb + off[:, None] * stride_kt + kvh * stride_kh
-                    + d[None, :] * stride_kd, mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, HEAD_DIM_PAD]
-        if IEEE:  # fp32 inputs: match torch's fp32 matmul instead of TF32
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))  # [GROUP_PAD, BLOCK_N]
-        # Every tile has >= 1 valid position, so m_new is finite and no inf - inf appears.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + block[:, None] * stride_vb + off[:, None] * stride_vt + kvh * stride_vh
-                    + d[None, :] * stride_vd, mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, HEAD_DIM_PAD]
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, tok0, end, kvh, d, d_mask,
+                                    0, scale_log2, stride_kb, stride_kt, stride_kh, stride_kd,
+                                    stride_vb, stride_vt, stride_vh, stride_vd, stride_btb,
+                                    BLOCK_SIZE, BLOCK_N, False, IEEE)
 
     nonempty = l_i > 0.0  # empty splits (and empty contexts) have l_i == 0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
@@ -233,7 +212,7 @@ def paged_decode_attention(
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens,
         out, part_out, part_lse,
-        scale * _LOG2E, head_dim,
+        scale * LOG2E, head_dim,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         GROUP=group, GROUP_PAD=max(16, next_pow2(group)), BLOCK_SIZE=block_size, BLOCK_N=block_n,
         HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=num_splits, IEEE=q.dtype == torch.float32,

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.kernels._dispatch import cdiv, check_attention, jit, next_pow2, tl, use_triton
-
-_LOG2E = 1.4426950408889634
+from worker.kernels._online_softmax import LOG2E, attend_tile
 
 
 def _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens):
@@ -118,32 +117,10 @@ def _prefill_kernel(
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bts
     kv_end = tl.minimum(ctx, prefix + (q_tile + 1) * BLOCK_M)  # last query of this tile, + 1
     for tok0 in range(0, kv_end, BLOCK_N):
-        pos = tok0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
-        valid = pos < kv_end
-        block = tl.load(bt_row + (pos // BLOCK_SIZE) * stride_btb, mask=valid, other=0).to(tl.int64)
-        off = pos % BLOCK_SIZE
-        kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + block[:, None] * stride_kb + off[:, None] * stride_kt + kvh * stride_kh
-                    + d[None, :] * stride_kd, mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, HEAD_DIM_PAD]
-        if IEEE:  # fp32 inputs: match torch's fp32 matmul instead of TF32
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        causal = (pos[None, :] <= q_pos[:, None]) & valid[None, :]
-        s = tl.where(causal, s * scale_log2, float("-inf"))  # [BLOCK_M, BLOCK_N]
-        # Position 0 is in the first tile and visible to every row, so m_new stays finite.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + block[:, None] * stride_vb + off[:, None] * stride_vt + kvh * stride_vh
-                    + d[None, :] * stride_vd, mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, HEAD_DIM_PAD]
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, tok0, kv_end, kvh, d,
+                                    d_mask, q_pos, scale_log2, stride_kb, stride_kt, stride_kh, stride_kd,
+                                    stride_vb, stride_vt, stride_vh, stride_vd, stride_btb,
+                                    BLOCK_SIZE, BLOCK_N, True, IEEE)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + head * stride_oh + d[None, :] * stride_od,
@@ -175,7 +152,7 @@ def paged_prefill_attention(
     grid = (cdiv(num_tokens, block) + num_seqs, num_heads)  # upper bound on query tiles; spares exit
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, cu_seqlens_q, context_lens,
-        scale * _LOG2E, num_seqs, head_dim,
+        scale * LOG2E, num_seqs, head_dim,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         GROUP=group, BLOCK_SIZE=block_size, BLOCK_M=block, BLOCK_N=block, HEAD_DIM_PAD=head_dim_pad,
         IEEE=q.dtype == torch.float32,

@@ -12,14 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from worker.kernels.lora_segments import triton_requested
+from worker.kernels._dispatch import cdiv, jit, tl, use_triton
 from worker.kernels.lora_shrink import _divisor_block, _m_block
-
-try:  # optional dependency, see lora_shrink
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
 
 
 def _check(y, lora_b, scalings, seg_indptr, seg_slots, out, out_offset) -> None:
@@ -93,11 +87,9 @@ def lora_expand(
     (tensor cores, as punica does), accumulating in fp32; the reference keeps
     y in fp32, so bf16/fp16 results differ by about one rounding of y.
     """
-    if not triton_requested(out, force_triton):
+    if not use_triton(out, force_triton):
         lora_expand_reference(y, lora_b, scalings, seg_indptr, seg_slots, out, out_offset)
         return
-    if triton is None:
-        raise RuntimeError("lora_expand: Triton requested but not installed")
     _check(y, lora_b, scalings, seg_indptr, seg_slots, out, out_offset)
     _expand_triton(y, lora_b, scalings, seg_indptr, seg_slots, out, out_offset, max_seg_len)
 
@@ -119,8 +111,8 @@ def _expand_triton(y, lora_b, scalings, seg_indptr, seg_slots, out, out_offset, 
     block_m = _m_block(max_len)
     block_n = 128 if out.element_size() <= 2 else 64
     block_k = _divisor_block(max_rank)  # rank loop without masks
-    m_splits = min(triton.cdiv(max_len, block_m), 64)
-    grid = (num_segs, triton.cdiv(out_dim, block_n), m_splits)
+    m_splits = min(cdiv(max_len, block_m), 64)
+    grid = (num_segs, cdiv(out_dim, block_n), m_splits)
     _expand_kernel[grid](
         y, lora_b, scalings, out, seg_indptr, seg_slots,
         out_dim, max_rank, out_offset,
@@ -132,53 +124,51 @@ def _expand_triton(y, lora_b, scalings, seg_indptr, seg_slots, out, out_offset, 
     )
 
 
-if triton is not None:
+@jit
+def _expand_kernel(
+    y_ptr, b_ptr, scale_ptr, out_ptr, indptr_ptr, slots_ptr,
+    N, R, out_offset,
+    stride_ym, stride_yk,
+    stride_bl, stride_bn, stride_bk,
+    stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    # grid: (segment, out-dim tile, token-chunk stride)
+    seg = tl.program_id(0)
+    slot = tl.load(slots_ptr + seg)
+    if slot < 0:  # base-model segment: out untouched
+        return
+    pid_n = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    num_m = tl.num_programs(2)
+    start = tl.load(indptr_ptr + seg)
+    end = tl.load(indptr_ptr + seg + 1)
+    scale = tl.load(scale_ptr + slot)
 
-    @triton.jit
-    def _expand_kernel(
-        y_ptr, b_ptr, scale_ptr, out_ptr, indptr_ptr, slots_ptr,
-        N, R, out_offset,
-        stride_ym, stride_yk,
-        stride_bl, stride_bn, stride_bk,
-        stride_om,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        IEEE: tl.constexpr,
-    ):
-        # grid: (segment, out-dim tile, token-chunk stride)
-        seg = tl.program_id(0)
-        slot = tl.load(slots_ptr + seg)
-        if slot < 0:  # base-model segment: out untouched
-            return
-        pid_n = tl.program_id(1)
-        pid_m = tl.program_id(2)
-        num_m = tl.num_programs(2)
-        start = tl.load(indptr_ptr + seg)
-        end = tl.load(indptr_ptr + seg + 1)
-        scale = tl.load(scale_ptr + slot)
-
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        b_base = b_ptr + slot.to(tl.int64) * stride_bl
-        for m0 in range(start + pid_m * BLOCK_M, end, num_m * BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_mask = offs_m < end
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, R, BLOCK_K):  # BLOCK_K divides R
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                yt = tl.load(  # [BLOCK_M, BLOCK_K]
-                    y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_k[None, :] * stride_yk,
-                    mask=m_mask[:, None], other=0.0,
-                )
-                bt = tl.load(  # [BLOCK_K, BLOCK_N] = B[slot, n, k] transposed
-                    b_base + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk,
-                    mask=n_mask[None, :], other=0.0,
-                )
-                if IEEE:
-                    acc += tl.dot(yt.to(tl.float32), bt, input_precision="ieee")
-                else:  # 16-bit weights: y rounded to their dtype for tensor cores
-                    acc += tl.dot(yt.to(bt.dtype), bt)
-            o_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + (out_offset + offs_n)[None, :]
-            o_mask = m_mask[:, None] & n_mask[None, :]
-            cur = tl.load(o_ptrs, mask=o_mask, other=0.0)
-            new = cur.to(tl.float32) + acc * scale
-            tl.store(o_ptrs, new.to(cur.dtype), mask=o_mask)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    b_base = b_ptr + slot.to(tl.int64) * stride_bl
+    for m0 in range(start + pid_m * BLOCK_M, end, num_m * BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < end
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, R, BLOCK_K):  # BLOCK_K divides R
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            yt = tl.load(  # [BLOCK_M, BLOCK_K]
+                y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_k[None, :] * stride_yk,
+                mask=m_mask[:, None], other=0.0,
+            )
+            bt = tl.load(  # [BLOCK_K, BLOCK_N] = B[slot, n, k] transposed
+                b_base + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk,
+                mask=n_mask[None, :], other=0.0,
+            )
+            if IEEE:
+                acc += tl.dot(yt.to(tl.float32), bt, input_precision="ieee")
+            else:  # 16-bit weights: y rounded to their dtype for tensor cores
+                acc += tl.dot(yt.to(bt.dtype), bt)
+        o_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + (out_offset + offs_n)[None, :]
+        o_mask = m_mask[:, None] & n_mask[None, :]
+        cur = tl.load(o_ptrs, mask=o_mask, other=0.0)
+        new = cur.to(tl.float32) + acc * scale
+        tl.store(o_ptrs, new.to(cur.dtype), mask=o_mask)

@@ -10,14 +10,11 @@ every layer's shrink/expand calls.
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 
 BASE_SLOT = -1  # slot id of tokens that get no LoRA contribution
-
-_FORCE_ENV = "HOTSWAP_FORCE_TRITON"
 
 
 def build_segments(
@@ -66,15 +63,3 @@ def max_segment_len(seg_indptr: torch.Tensor) -> int:
     if seg_indptr.numel() < 2:
         return 0
     return int((seg_indptr[1:] - seg_indptr[:-1]).max())
-
-
-def triton_requested(t: torch.Tensor, force: bool | None) -> bool:
-    """Shared dispatch rule of lora_shrink / lora_expand.
-
-    force=True: Triton (tests on CPU run it under TRITON_INTERPRET=1);
-    force=False: the torch reference, even on CUDA;
-    force=None: Triton if HOTSWAP_FORCE_TRITON=1 or ``t`` is on CUDA.
-    """
-    if force is None:
-        force = os.environ.get(_FORCE_ENV, "") not in ("", "0") or t.is_cuda
-    return bool(force)

@@ -9,13 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from worker.kernels.lora_segments import triton_requested
-
-try:  # triton is an optional (worker) dependency; the reference needs only torch
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
+from worker.kernels._dispatch import cdiv, jit, tl, use_triton
 
 
 def _check(x: torch.Tensor, lora_a: torch.Tensor, seg_indptr: torch.Tensor, seg_slots: torch.Tensor) -> None:
@@ -68,12 +62,10 @@ def lora_shrink(
     seg_indptr: [S + 1] int32; seg_slots: [S] int32 (-1 = no LoRA).
     max_seg_len: longest segment if the caller knows it (sizes the grid
     without a device sync); split_k: K splits (None = heuristic, 1 =
-    deterministic, no atomics). force_triton: see triton_requested.
+    deterministic, no atomics). force_triton: see _dispatch.use_triton.
     """
-    if not triton_requested(x, force_triton):
+    if not use_triton(x, force_triton):
         return lora_shrink_reference(x, lora_a, seg_indptr, seg_slots)
-    if triton is None:
-        raise RuntimeError("lora_shrink: Triton requested but not installed")
     _check(x, lora_a, seg_indptr, seg_slots)
     return _shrink_triton(x, lora_a, seg_indptr, seg_slots, max_seg_len, split_k)
 
@@ -106,15 +98,15 @@ def _shrink_triton(x, lora_a, seg_indptr, seg_slots, max_seg_len, split_k):
     n_tiles = max_rank // block_n
     # Token chunks of one segment are spread over grid dim 2 (grid-stride loop);
     # programs past the end of a short segment exit at once.
-    m_splits = min(triton.cdiv(max_len, block_m), 64)
-    k_blocks = triton.cdiv(in_dim, block_k)
+    m_splits = min(cdiv(max_len, block_m), 64)
+    k_blocks = cdiv(in_dim, block_k)
     if split_k is None:
         # Few busy programs (decode, one big in_dim) -> split in_dim, keeping
         # >= 4 K blocks per split; work estimate is an upper bound, no sync.
-        busy = n_tiles * (triton.cdiv(num_tokens, block_m) + num_segs)
+        busy = n_tiles * (cdiv(num_tokens, block_m) + num_segs)
         split_k = max(1, min(256 // busy, k_blocks // 4, 16))
     split_k = max(1, min(split_k, k_blocks))
-    k_per_split = triton.cdiv(k_blocks, split_k) * block_k
+    k_per_split = cdiv(k_blocks, split_k) * block_k
 
     grid = (num_segs, n_tiles * split_k, m_splits)
     _shrink_kernel[grid](
@@ -129,55 +121,53 @@ def _shrink_triton(x, lora_a, seg_indptr, seg_slots, max_seg_len, split_k):
     return y
 
 
-if triton is not None:
+@jit
+def _shrink_kernel(
+    x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr,
+    K, k_per_split,
+    stride_xm, stride_xk,
+    stride_al, stride_ar, stride_ak,
+    stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, IEEE: tl.constexpr,
+):
+    # grid: (segment, rank tile * K split, token-chunk stride)
+    seg = tl.program_id(0)
+    slot = tl.load(slots_ptr + seg)
+    if slot < 0:  # base-model segment: y stays 0
+        return
+    pid_n = tl.program_id(1) // SPLIT_K
+    pid_k = tl.program_id(1) % SPLIT_K
+    pid_m = tl.program_id(2)
+    num_m = tl.num_programs(2)
+    start = tl.load(indptr_ptr + seg)
+    end = tl.load(indptr_ptr + seg + 1)
 
-    @triton.jit
-    def _shrink_kernel(
-        x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr,
-        K, k_per_split,
-        stride_xm, stride_xk,
-        stride_al, stride_ar, stride_ak,
-        stride_ym,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT_K: tl.constexpr, IEEE: tl.constexpr,
-    ):
-        # grid: (segment, rank tile * K split, token-chunk stride)
-        seg = tl.program_id(0)
-        slot = tl.load(slots_ptr + seg)
-        if slot < 0:  # base-model segment: y stays 0
-            return
-        pid_n = tl.program_id(1) // SPLIT_K
-        pid_k = tl.program_id(1) % SPLIT_K
-        pid_m = tl.program_id(2)
-        num_m = tl.num_programs(2)
-        start = tl.load(indptr_ptr + seg)
-        end = tl.load(indptr_ptr + seg + 1)
-
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # BLOCK_N divides max_rank
-        a_base = a_ptr + slot.to(tl.int64) * stride_al
-        k_lo = pid_k * k_per_split
-        k_hi = tl.minimum(K, k_lo + k_per_split)
-        for m0 in range(start + pid_m * BLOCK_M, end, num_m * BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_mask = offs_m < end
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < K
-                xt = tl.load(  # [BLOCK_M, BLOCK_K]
-                    x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0,
-                )
-                at = tl.load(  # [BLOCK_K, BLOCK_N] = A[slot, n, k] transposed
-                    a_base + offs_n[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-                    mask=k_mask[:, None], other=0.0,
-                )
-                if IEEE:  # fp32 inputs: exact fp32, not TF32
-                    acc += tl.dot(xt, at, input_precision="ieee")
-                else:
-                    acc += tl.dot(xt, at)
-            y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-            if SPLIT_K == 1:
-                tl.store(y_ptrs, acc, mask=m_mask[:, None])
-            else:  # partial sums over K splits meet in the zeroed y
-                tl.atomic_add(y_ptrs, acc, mask=m_mask[:, None])
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # BLOCK_N divides max_rank
+    a_base = a_ptr + slot.to(tl.int64) * stride_al
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    for m0 in range(start + pid_m * BLOCK_M, end, num_m * BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < end
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            xt = tl.load(  # [BLOCK_M, BLOCK_K]
+                x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+            )
+            at = tl.load(  # [BLOCK_K, BLOCK_N] = A[slot, n, k] transposed
+                a_base + offs_n[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                mask=k_mask[:, None], other=0.0,
+            )
+            if IEEE:  # fp32 inputs: exact fp32, not TF32
+                acc += tl.dot(xt, at, input_precision="ieee")
+            else:
+                acc += tl.dot(xt, at)
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        if SPLIT_K == 1:
+            tl.store(y_ptrs, acc, mask=m_mask[:, None])
+        else:  # partial sums over K splits meet in the zeroed y
+            tl.atomic_add(y_ptrs, acc, mask=m_mask[:, None])

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from worker.kernels.lora_expand import lora_expand
-from worker.kernels.lora_segments import build_segments, max_segment_len, triton_requested
+from worker.kernels._dispatch import use_triton
+from worker.kernels.lora_segments import build_segments, max_segment_len
 from worker.kernels.lora_shrink import lora_shrink
 from worker.lora.cpu_batched import Run, RunWeights, expand_run, plan_runs, run_weights, shrink_run, to_run
 from worker.lora.layout import GROUPS
@@ -32,7 +33,7 @@ class LoraRuntime:
         self.model, self.slots = model, slots
         self.segments: dict[str, Segments | None] = {g: None for g in GROUPS}
         # fp32 on a CPU: batched matmuls over runs of slots (cpu_batched.py) instead of the kernels.
-        self.cpu_batched = not triton_requested(slots.scalings, None) and slots.dtype == torch.float32
+        self.cpu_batched = not use_triton(slots.scalings) and slots.dtype == torch.float32
         self.runs: dict[str, list[Run]] = {g: [] for g in GROUPS}
         self.active = False
         self._hooks = [

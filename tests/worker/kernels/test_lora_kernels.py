@@ -13,7 +13,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from worker.kernels.lora_expand import lora_expand, lora_expand_reference  # noqa: E402
-from worker.kernels.lora_segments import build_segments, max_segment_len, triton_requested  # noqa: E402
+from worker.kernels._dispatch import use_triton  # noqa: E402
+from worker.kernels.lora_segments import build_segments, max_segment_len  # noqa: E402
 from worker.kernels.lora_shrink import lora_shrink, lora_shrink_reference  # noqa: E402
 
 try:
@@ -56,14 +57,14 @@ def test_build_segments_rejects_bad_slots():
         build_segments(torch.zeros(2, 2, dtype=torch.int32))
 
 
-def test_triton_requested(monkeypatch):
+def test_use_triton(monkeypatch):
     cpu = torch.zeros(1)
     monkeypatch.delenv("HOTSWAP_FORCE_TRITON", raising=False)
-    assert not triton_requested(cpu, None)
-    assert triton_requested(cpu, True)
+    assert not use_triton(cpu, None)
+    assert use_triton(cpu, True)
     monkeypatch.setenv("HOTSWAP_FORCE_TRITON", "1")
-    assert triton_requested(cpu, None)
-    assert not triton_requested(cpu, False)
+    assert use_triton(cpu, None)
+    assert not use_triton(cpu, False)
 
 
 # --- random multi-adapter cases ------------------------------------------------
