@@ -33,14 +33,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         from adapters.registry import Registry
         from hotswap.base_model import BaseModelMissing, load_served_base
-        from hotswap.files import FileCatalog
+        from scheduler.batchjobs.files import FileCatalog
         from hotswap.storage import open_store
 
         app.state.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
         app.state.store = open_store(settings)
         app.state.registry = Registry(app.state.redis, app.state.store)
         app.state.files = FileCatalog(app.state.redis, app.state.store)
-        from scheduler.jobs import JobStore  # batch jobs (records only; the scheduler runs them)
+        from scheduler.batchjobs.records import JobStore  # batch jobs (records only; the scheduler runs them)
 
         app.state.jobs = JobStore(app.state.redis, window_s=settings.batch_completion_window_s)
         app.state.aredis = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=30)

@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     api_url: str = Field(default="http://127.0.0.1:8000", description="Where the CLI finds the API.")
     api_key: SecretStr | None = Field(default=None, description="The CLI's API key (HOTSWAP_API_KEY).")
 
-    # Batch jobs (scheduler/jobs.py)
+    # Batch jobs (scheduler/batchjobs/records.py)
     batch_feed_window: int = Field(default=1000, ge=1, description="Requests of one batch job in the queues at once; more are fed as they finish.")
     batch_max_lines: int = Field(default=50000, ge=1, description="Most requests one batch input file may hold.")
     batch_completion_window_s: float = Field(default=86400.0, gt=0, description="A batch not finished this long after creation expires ('24h'; shorter in tests).")

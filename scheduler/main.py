@@ -15,7 +15,7 @@ def run_scheduler(settings) -> None:
 
     from scheduler.celery_app import make_celery
     from scheduler.dispatcher import Dispatcher
-    from scheduler.job_runner import JobRunner
+    from scheduler.batchjobs.runner import JobRunner
 
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, health_check_interval=30)
     dispatcher = Dispatcher(client, make_celery(settings.redis_url), settings)

@@ -42,8 +42,13 @@ def make_service(settings, engine=None):
     engine = engine or torch_thread.call(build_engine, settings)
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, health_check_interval=30)
     store = open_store(settings)
+    hook = None
+    if settings.fault_crash_marker:  # fault tests only
+        from worker.faults import crash_on_marker
+
+        hook = crash_on_marker(settings.fault_crash_marker, engine.tokenizer)
     return WorkerService(engine, client, Registry(client, store), AdapterCache.from_settings(store, settings), settings,
-                         torch_thread=torch_thread)
+                         torch_thread=torch_thread, admit_hook=hook)
 
 
 def run_worker(settings, loglevel: str = "INFO") -> None:

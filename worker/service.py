@@ -22,14 +22,16 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 
+from hotswap import keys
 from hotswap.metrics import MetricsBuffer, record_finished
 from hotswap.protocol import GenerationRequest, GenerationResult, TokenEvent
-from hotswap import keys
 from scheduler.queues import Queues
 from scheduler.workers import WorkerInfo, deregister, heartbeat, rejoin
+from worker.engine.errors import RequestRejected
 from worker.targets import LocalModel, TargetError, fetch_target
 from worker.torch_thread import TorchThread
 
@@ -59,8 +61,10 @@ class Live:
 
 class WorkerService:
     def __init__(self, engine, redis_client, registry, cache, settings, worker_id: str | None = None,
-                 torch_thread: TorchThread | None = None):
+                 torch_thread: TorchThread | None = None,
+                 admit_hook: Callable[[GenerationRequest], None] | None = None):
         self.engine = engine
+        self.admit_hook = admit_hook  # called with each request as it is admitted (fault tests: worker/faults.py)
         self._torch = torch_thread or TorchThread()  # best: the thread that built the engine
         self.redis = redis_client
         self.registry, self.cache = registry, cache
@@ -170,25 +174,21 @@ class WorkerService:
                 req, attempt, model = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            self._crash_if_marked(req)
+            if self.admit_hook is not None:
+                self.admit_hook(req)
             try:
                 adapter, finetune = self._ensure_registered(model)
             except Exception as exc:  # a broken checkpoint fails its requests, not the worker
                 self._fail(req, attempt, "model_unavailable", f"cannot load {model.key}: {exc}")
                 continue
             try:
-                self.engine.add_request(req.prompt_token_ids, self._sampling(req), request_id=req.id,
-                                        adapter=adapter, finetune=finetune)
-            except ValueError as exc:
+                params = self._sampling(req)
+                self.engine.add_request(req.prompt_token_ids, params, request_id=req.id, adapter=adapter,
+                                        finetune=finetune)
+            except (RequestRejected, ValueError) as exc:  # SamplingParams' own checks are ValueErrors
                 self._fail(req, attempt, "invalid_request", str(exc))
                 continue
             self._live[req.id] = Live(req, attempt, started_at=time.time(), prompt_tokens=len(req.prompt_token_ids))
-
-    def _crash_if_marked(self, req: GenerationRequest) -> None:
-        marker = self.settings.fault_crash_marker
-        if marker and self.engine.tokenizer is not None and marker in self.engine.tokenizer.decode(req.prompt_token_ids):
-            log.error("fault injection: prompt of %s carries the crash marker; exiting", req.id)
-            os._exit(71)
 
     def _ensure_registered(self, model: LocalModel) -> tuple[str | None, str | None]:
         if model.kind == "base":
@@ -274,7 +274,7 @@ class WorkerService:
         rejoin(self.redis, self.queues, self.info, self.settings.lease_s)  # back, with a clean slate
 
     def _note_weights(self) -> None:
-        current = self.engine.batcher.current_finetune or "base"
+        current = self.engine.resident_finetune or "base"
         if current != self._weights:
             self._weights = current
             self.metrics.inc("full_swaps_total", model=current)
@@ -282,8 +282,7 @@ class WorkerService:
     # -- heartbeat thread -------------------------------------------------------------------------
 
     def _refresh_info(self) -> None:
-        slots = getattr(self.engine, "lora_slots", None)
-        self.info.holds = slots.held() if slots is not None else []
+        self.info.holds = self.engine.held_adapters()
         self.info.weights = self._weights
 
     def _heartbeat_loop(self) -> None:

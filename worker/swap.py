@@ -7,12 +7,12 @@ checkpoints are kept (LRU); the base model's own weights are always kept, so swa
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
+from worker.engine.errors import AdapterError
 from worker.models.config import ModelConfig
 from worker.models.llama import LlamaForCausalLM
 from worker.models.loader import WeightLoader, iter_safetensors
@@ -33,7 +33,6 @@ class FullModelSwapper:
             self._base = {k: v.pin_memory() for k, v in self._base.items()}
         self._host: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self.num_swaps = 0
-        self.last_swap_seconds = 0.0
 
     def register(self, name: str, path: str | Path) -> None:
         """Check that the checkpoint fits the resident model (same architecture and dims)."""
@@ -41,7 +40,7 @@ class FullModelSwapper:
         theirs = ModelConfig.from_dir(path)
         ours = self.model.config
         if theirs.architecture != ours.architecture or not ours.same_shape_as(theirs):
-            raise ValueError(
+            raise AdapterError(
                 f"full fine-tune {name!r} is a {theirs.architecture} with hidden_size {theirs.hidden_size}, "
                 f"{theirs.num_layers} layers; the resident base is a {ours.architecture} with hidden_size "
                 f"{ours.hidden_size}, {ours.num_layers} layers: only same-architecture fine-tunes can be swapped in"
@@ -53,14 +52,10 @@ class FullModelSwapper:
         self.paths.pop(name, None)
         self._host.pop(name, None)
 
-    def is_registered(self, name: str) -> bool:
-        return name in self.paths
-
     @torch.no_grad()
     def swap_to(self, name: str | None) -> None:
         if name == self.current:
             return
-        start = time.perf_counter()
         if name is BASE:
             self._copy_ours(self._base)
         elif name in self._host:
@@ -72,7 +67,6 @@ class FullModelSwapper:
             torch.cuda.synchronize()
         self.current = name
         self.num_swaps += 1
-        self.last_swap_seconds = time.perf_counter() - start
 
     def _copy_ours(self, weights: dict[str, torch.Tensor]) -> None:
         for pname, param in self.model.named_parameters():

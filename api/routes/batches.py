@@ -2,7 +2,7 @@
 `GET /v1/batches/{id}/results`, presigned S3 URLs of a finished batch's output and error files.
 
 The route only checks the request and records the job (status "validating"); the job runner in
-`hotswap scheduler` validates the file, runs the lines and writes the results (scheduler/jobs.py
+`hotswap scheduler` validates the file, runs the lines and writes the results (scheduler/batchjobs/records.py
 says what goes where). Another tenant's batch id is a 404, exactly like one that never existed.
 """
 
@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from api.deps import SettingsDep, TenantDep, get_files
 from api.errors import APIError
-from hotswap.files import FileNotFound
+from scheduler.batchjobs.files import FileNotFound
 from hotswap.openai_schemas import refuse_lone_surrogates
-from scheduler.jobs import ENDPOINTS, JobNotFound, JobStateError, check_metadata
+from scheduler.batchjobs.records import ENDPOINTS, JobNotFound, JobStateError, check_metadata
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 

@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 from api.deps import SettingsDep, TenantDep, get_files
 from api.errors import APIError
 from hotswap import safe_json
-from hotswap.files import FileNotFound
+from scheduler.batchjobs.files import FileNotFound
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 

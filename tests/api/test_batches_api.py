@@ -48,9 +48,9 @@ def upload(oa: openai.OpenAI, data: bytes, name: str = "in.jsonl") -> str:
 def running(api_settings, redis_client, demo_tokenizer):
     """A job runner and a worker, each in a thread, for as long as the test runs."""
     from adapters.registry import Registry
-    from hotswap.files import FileCatalog
+    from scheduler.batchjobs.files import FileCatalog
     from hotswap.storage import open_store
-    from scheduler.job_runner import JobRunner
+    from scheduler.batchjobs.runner import JobRunner
     from scheduler.prepare import ServedModel
 
     settings = api_settings.model_copy(update={"batch_poll_s": 0.05})
@@ -179,7 +179,7 @@ def test_bad_creates_are_refused_naming_the_parameter(live_api, api_key, change,
 
 
 def test_the_input_file_must_be_a_batch_input(live_api, api_key, api_settings, redis_client):
-    from hotswap.files import FileCatalog
+    from scheduler.batchjobs.files import FileCatalog
     from hotswap.storage import open_store
 
     results = FileCatalog(redis_client, open_store(api_settings)).create("acme", "batch_output", "out.jsonl", b"{}\n")

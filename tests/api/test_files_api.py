@@ -157,7 +157,7 @@ def test_presigned_url(live_api, api_key, api_settings, redis_client):
     # Any S3 client can fetch the same object directly.
     import boto3
 
-    from hotswap.files import FileCatalog
+    from scheduler.batchjobs.files import FileCatalog
     from hotswap.storage import open_store
 
     store = open_store(api_settings)

@@ -295,7 +295,7 @@ def test_api_and_scheduler_run_where_torch_cannot_be_imported(tmp_path):
         "from fastapi.testclient import TestClient\n"
         "from api.app import create_app\n"
         "from hotswap.settings import Settings\n"
-        "import scheduler.main, scheduler.dispatcher, scheduler.job_runner, scheduler.tasks, cli.main\n"
+        "import scheduler.main, scheduler.dispatcher, scheduler.batchjobs.runner, scheduler.tasks, cli.main\n"
         f"settings = Settings(redis_url='redis://127.0.0.1:1/0', storage_url='file://{tmp_path}/s',\n"
         f"                    data_dir='{tmp_path}/d', cache_dir='{tmp_path}/c')\n"
         "with TestClient(create_app(settings), raise_server_exceptions=False) as client:\n"

@@ -1,4 +1,4 @@
-"""Batch line validation: every bad-line case and its documented outcome (scheduler/jobs.py).
+"""Batch line validation: every bad-line case and its documented outcome (scheduler/batchjobs/records.py).
 
 Envelope problems fail the whole batch with errors.data; bodies are judged by the live API's own
 models and `build_request`, and a refused body becomes an error-file line with the live status.
@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from scheduler.job_lines import validate_lines
+from scheduler.batchjobs.lines import validate_lines
 from scheduler.prepare import ServedModel
 
 BASE = "smollm2-135m-instruct"
@@ -212,7 +212,7 @@ def test_completions_line_with_a_lone_surrogate(judge):
 def test_a_line_that_breaks_our_code_goes_to_the_error_file_alone(registry, demo_tokenizer, monkeypatch):
     """One error boundary per line: an unexpected exception while preparing one line refuses that
     line with a 500 and the rest of the batch runs (it used to wedge the batch in validating)."""
-    import scheduler.job_lines as job_lines
+    import scheduler.batchjobs.lines as job_lines
 
     real = job_lines.build_request
 

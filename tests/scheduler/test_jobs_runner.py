@@ -14,8 +14,8 @@ import pytest
 
 from hotswap.protocol import GenerationResult
 from hotswap import keys
-from scheduler.job_runner import JobRunner
-from scheduler.jobs import JobStateError, JobStore
+from scheduler.batchjobs.runner import JobRunner
+from scheduler.batchjobs.records import JobStateError, JobStore
 from scheduler.prepare import ServedModel
 from scheduler.queues import Queues
 
@@ -74,7 +74,7 @@ def chat_line(custom_id: str, model: str = BASE, content: str = "Say hi.", **bod
 @pytest.fixture
 def env(redis_client, tmp_path, demo_tokenizer):
     from adapters.registry import Registry
-    from hotswap.files import FileCatalog
+    from scheduler.batchjobs.files import FileCatalog
     from hotswap.settings import Settings
     from hotswap.storage import open_store
 
@@ -218,7 +218,7 @@ def test_a_restarted_runner_resumes_and_writes_nothing_twice(env):
 
 
 def test_a_stalled_runner_cannot_write_after_its_lease_moved(env):
-    from scheduler.jobs import LockLost
+    from scheduler.batchjobs.records import LockLost
 
     job = env.submit([chat_line("a")])
     first = env.runner("r1")
@@ -232,7 +232,7 @@ def test_a_stalled_runner_cannot_write_after_its_lease_moved(env):
 
 
 def test_output_files_are_not_written_twice_after_a_crash_while_finalizing(env):
-    from scheduler.job_output import write_result_file
+    from scheduler.batchjobs.output import write_result_file
 
     job = env.submit([chat_line(f"c{i}") for i in range(3)])
     runner = env.runner()
@@ -358,8 +358,8 @@ def test_the_runner_thread_runs_a_job_to_the_end(env):
 
 def test_prepared_requests_read_back_from_any_position_across_chunks(env):
     from hotswap.protocol import GenerationRequest, ModelTarget, SamplingSpec
-    from scheduler.job_prepared import ChunkWriter, PreparedReader
-    from scheduler.jobs import PREPARED_CHUNK, JobRecord
+    from scheduler.batchjobs.prepared import ChunkWriter, PreparedReader
+    from scheduler.batchjobs.records import PREPARED_CHUNK, JobRecord
 
     n = 2 * PREPARED_CHUNK + 345
     writer = ChunkWriter(env.store, "acme", "batch_x")
@@ -385,7 +385,7 @@ def test_a_large_job_is_fed_gradually_and_does_not_starve_a_small_one(env):
     big = env.submit(big_lines, endpoint="/v1/completions")
     small = env.submit([chat_line(f"s{i}") for i in range(3)])
     env.settings = env.settings.model_copy(update={"batch_feed_window": 1000})
-    from scheduler.job_runner import JobRunner
+    from scheduler.batchjobs.runner import JobRunner
 
     runner = JobRunner(env.redis, env.store, env.files, env.registry, env.settings, served=env.served)
     runner.tick()

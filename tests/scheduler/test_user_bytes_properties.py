@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from hotswap.openai_schemas import ChatCompletionRequest, CompletionRequest
-from scheduler.job_lines import validate_lines
+from scheduler.batchjobs.lines import validate_lines
 from scheduler.prepare import PrepareError, ServedModel, build_request
 
 BASE = "smollm2-135m-instruct"

@@ -74,6 +74,13 @@ class Batcher:
         means no request starves, and requests of one fine-tune run together."""
         return not self.running and bool(self.waiting) and self.waiting[0].finetune != self.current_finetune
 
+    def swap_target(self) -> str | None:
+        """The full weights the oldest waiting request needs (None: the base model's)."""
+        return self.waiting[0].finetune
+
+    def swapped_to(self, finetune: str | None) -> None:
+        self.current_finetune = finetune
+
     def plan(self) -> StepPlan:
         plan = StepPlan()
         budget = self.max_num_batched_tokens

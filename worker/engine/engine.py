@@ -23,9 +23,10 @@ import torch
 
 from hotswap.tokenizer import Tokenizer
 from worker.engine.batcher import Batcher, ScheduledChunk
-from worker.engine.block_manager import BlockManager, blocks_needed
+from worker.engine.block_manager import BlockManager
 from worker.engine.config import EngineConfig
 from worker.engine.detokenizer import IncrementalDetokenizer
+from worker.engine.errors import AdapterError, RequestRejected
 from worker.engine.model_runner import ModelRunner
 from worker.engine.sampler import sample
 from worker.engine.sampling_params import SamplingParams
@@ -122,10 +123,10 @@ class LLMEngine:
         from adapters.format import inspect_lora_adapter
 
         if self.lora_slots is None:
-            raise ValueError("LoRA is disabled in this engine: start it with max_loras > 0")
+            raise AdapterError("LoRA is disabled in this engine: start it with max_loras > 0")
         info = inspect_lora_adapter(Path(path), self._base_config_raw, max_rank=self.config.max_lora_rank)
         if name in self._adapters and self.lora_slots.in_use(name):
-            raise ValueError(f"adapter {name!r} is in use by running requests: register new weights under a new name")
+            raise AdapterError(f"adapter {name!r} is in use by running requests: register new weights under a new name")
         self._adapters[name] = (Path(path), info)
         self._retired.discard(name)
         self.lora_slots.forget(name)
@@ -167,18 +168,18 @@ class LLMEngine:
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._seqs:
-            raise ValueError(f"request id {request_id!r} is already in the engine")
+            raise RequestRejected(f"request id {request_id!r} is already in the engine")
         if adapter is not None and (adapter not in self._adapters or adapter in self._retired):
-            raise ValueError(f"no LoRA adapter named {adapter!r} is registered")
+            raise RequestRejected(f"no LoRA adapter named {adapter!r} is registered")
         if finetune is not None and finetune not in self.finetunes:
-            raise ValueError(f"no full fine-tune named {finetune!r} is registered")
+            raise RequestRejected(f"no full fine-tune named {finetune!r} is registered")
         if adapter is not None and finetune is not None:
-            raise ValueError("a request names a LoRA adapter or a full fine-tune, not both")
+            raise RequestRejected("a request names a LoRA adapter or a full fine-tune, not both")
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer, and this model dir has none")
+            raise RequestRejected("stop strings need a tokenizer, and this model dir has none")
         token_ids = self._tokenize(prompt)
         if len(token_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
+            raise RequestRejected(
                 f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"maximum context length of {self.max_model_len} tokens"
             )
@@ -196,15 +197,15 @@ class LLMEngine:
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this model dir has no tokenizer: pass token ids")
+                raise RequestRejected("this model dir has no tokenizer: pass token ids")
             token_ids = self.tokenizer.encode(prompt)
         else:
             token_ids = [int(t) for t in prompt]
         if not token_ids:
-            raise ValueError("the prompt is empty")
+            raise RequestRejected("the prompt is empty")
         vocab = self.model_config.vocab_size
         if any(t < 0 or t >= vocab for t in token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+            raise RequestRejected(f"prompt token ids must be in [0, {vocab})")
         return token_ids
 
     def abort(self, request_id: str) -> bool:
@@ -221,6 +222,15 @@ class LLMEngine:
         return self.batcher.has_work()
 
     @property
+    def resident_finetune(self) -> str | None:
+        """The full fine-tune whose weights are resident now (None: the base model's)."""
+        return self.batcher.current_finetune
+
+    def held_adapters(self) -> list[str]:
+        """Names of the LoRA adapters in device slots or the host tier (none when LoRA is off)."""
+        return self.lora_slots.held() if self.lora_slots is not None else []
+
+    @property
     def num_running(self) -> int:
         return len(self.batcher.running)
 
@@ -232,10 +242,10 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         if self.batcher.needs_swap():
-            target = self.batcher.waiting[0].finetune
+            target = self.batcher.swap_target()
             self._swapper.swap_to(target)
             self.model.prepack()
-            self.batcher.current_finetune = target
+            self.batcher.swapped_to(target)
         plan = self.batcher.plan()
         if not plan:
             return []

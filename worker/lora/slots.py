@@ -7,7 +7,6 @@ number of layers (LoRAX-style per-layer copies are what makes their loads take 0
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -45,14 +44,10 @@ class LoraSlots:
         self._users = [0] * max_loras  # running sequences using each slot (never evicted while > 0)
         self._host: OrderedDict[str, StackedAdapter] = OrderedDict()
         self.num_loads = 0
-        self.last_load_seconds = 0.0
 
     def held(self) -> list[str]:
         """Adapters in a device slot or in host memory: loading these again costs (almost) nothing."""
         return list(dict.fromkeys([*self._resident, *self._host]))
-
-    def slot_of(self, name: str) -> int | None:
-        return self._resident.get(name)
 
     def in_use(self, name: str) -> bool:
         slot = self._resident.get(name)
@@ -115,7 +110,6 @@ class LoraSlots:
 
     @torch.no_grad()
     def _load(self, name: str, slot: int) -> None:
-        start = time.perf_counter()
         adapter = self.host_adapter(name)
         r, R = adapter.rank, self.max_rank
         for group in adapter.groups:
@@ -137,4 +131,3 @@ class LoraSlots:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         self.num_loads += 1
-        self.last_load_seconds = time.perf_counter() - start

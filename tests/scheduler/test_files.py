@@ -1,4 +1,4 @@
-"""hotswap.files.FileCatalog against a real Redis server and real object storage (file:// and moto
+"""scheduler.batchjobs.files.FileCatalog against a real Redis server and real object storage (file:// and moto
 S3 over HTTP): layout, ordering, tenant isolation, and no record ever pointing at a missing blob."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 
-from hotswap.files import FILE_ID, FileCatalog, FileNotFound, FileRecord, new_file_id
+from scheduler.batchjobs.files import FILE_ID, FileCatalog, FileNotFound, FileRecord, new_file_id
 from hotswap.storage import FileStore, IntegrityError, open_store
 
 LINES = b'{"custom_id": "a"}\n{"custom_id": "b"}\n'

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from hotswap.base_model import ServedBase, context_limit
 from hotswap.protocol import GenerationRequest
-from scheduler.jobs import PREPARED_CHUNK, JobRecord, prepared_key
+from scheduler.batchjobs.records import PREPARED_CHUNK, JobRecord, prepared_key
 from scheduler.prepare import ServedModel
 
 

@@ -2,7 +2,7 @@
 
 A successful line carries the very body the live endpoint returns (built with the same
 `hotswap.openai_schemas` builders, `model` = the name the line used); a failed one the status and
-error envelope the live endpoint would have answered. See `scheduler/jobs.py` for what goes where.
+error envelope the live endpoint would have answered. See `scheduler/batchjobs/records.py` for what goes where.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from hotswap import keys
 from hotswap import openai_schemas as oa
 from hotswap.protocol import FAILURE_STATUS, GenerationRequest, GenerationResult
-from scheduler.job_lines import error_body, new_line_id
+from scheduler.batchjobs.lines import error_body, new_line_id
 
 # A worker's failure code -> the HTTP status the live endpoint answers (as api/generation.py does).
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."

@@ -1,6 +1,6 @@
 """Validation of a batch input file, line by line, with the live API's own code.
 
-`validate_lines` reads the file once. Envelope problems (see the rule in `scheduler/jobs.py`) are
+`validate_lines` reads the file once. Envelope problems (see the rule in `scheduler/batchjobs/records.py`) are
 collected as `errors.data` entries and fail the batch; bodies are judged by the same pydantic
 models and `build_request` as the live endpoints, and a refused body becomes an error-file line.
 Requests that pass go to `sink` in file order, ready to queue (priority "batch").

@@ -2,7 +2,7 @@
 
 A job goes validating -> in_progress -> finalizing -> completed, or ends failed (its file did not
 pass validation), cancelled (cancelling first) or expired. The API creates and cancels jobs
-(`JobStore`); everything else is the `JobRunner` (scheduler/job_runner.py), run by `hotswap
+(`JobStore`); everything else is the `JobRunner` (scheduler/batchjobs/runner.py), run by `hotswap
 scheduler`. Every change of a record is a check-and-set (WATCH + MULTI), so the API's cancel and
 the runner's progress never overwrite each other.
 

@@ -1,7 +1,7 @@
 """The job runner: advances every active batch job a little each tick (a thread of `hotswap scheduler`).
 
-One step of a job, by status (records, keys and the what-goes-where rule: `scheduler/jobs.py`):
-- validating: read the input file once, judge every line (`job_lines.validate_lines`), store the
+One step of a job, by status (records, keys and the what-goes-where rule: `scheduler/batchjobs/records.py`):
+- validating: read the input file once, judge every line (`lines.validate_lines`), store the
   requests that will run as prepared objects, then in one transaction: -> in_progress (refused
   bodies already in the error list) or -> failed (errors.data). A runner that dies meanwhile
   simply validates again: nothing was published.
@@ -36,15 +36,15 @@ import uuid
 from redis.exceptions import RedisError
 
 from hotswap.base_model import BaseModelMissing, ServedBase, load_served_base
-from hotswap.files import FileNotFound
+from scheduler.batchjobs.files import FileNotFound
 from hotswap.protocol import GenerationRequest, GenerationResult
 from hotswap.storage import StorageError
 from hotswap import keys
 from scheduler import lua
-from scheduler.job_lines import validate_lines
-from scheduler.job_output import classify, expired_line, iter_redis_list, unrun_line, write_result_file
-from scheduler.job_prepared import ChunkWriter, PreparedReader, served_model
-from scheduler.jobs import PREPARED_CHUNK, TERMINAL, JobNotFound, JobRecord, JobStore, LockLost, job_prefix, update
+from scheduler.batchjobs.lines import validate_lines
+from scheduler.batchjobs.output import classify, expired_line, iter_redis_list, unrun_line, write_result_file
+from scheduler.batchjobs.prepared import ChunkWriter, PreparedReader, served_model
+from scheduler.batchjobs.records import PREPARED_CHUNK, TERMINAL, JobNotFound, JobRecord, JobStore, LockLost, job_prefix, update
 from scheduler.prepare import ServedModel
 from scheduler.queues import Queues, enqueue_args
 
@@ -76,7 +76,7 @@ class JobRunner:
     @classmethod
     def from_settings(cls, redis_client, settings) -> "JobRunner":
         from adapters.registry import Registry
-        from hotswap.files import FileCatalog
+        from scheduler.batchjobs.files import FileCatalog
         from hotswap.storage import open_store
 
         store = open_store(settings)
