@@ -475,7 +475,7 @@ def capacity_rps(args: argparse.Namespace) -> float:
 def benchmark(args: argparse.Namespace) -> dict:
     import redis
 
-    from tests.servers import redis_server
+    from hotswap.localhost import redis_server
 
     workload = make_workload(args)
     shares = Counter("base" if r.model_key == "base" else r.model_key.split(":")[0] for r in workload)

