@@ -55,31 +55,30 @@ def registry(tmp_path_factory, redis_url):
     return Registry(redis.Redis.from_url(redis_url), open_store(url=f"file://{tmp_path_factory.mktemp('store')}"))
 
 
-@SETTINGS
-@given(body=message_like() | json_values)
-def test_chat_bodies_validate_and_prepare_or_refuse_cleanly(body, demo_tokenizer, registry):
+def served_or_refused(model_cls, body, tokenizer, registry) -> None:
+    """Validation refuses with its ValidationError, build_request with a 4xx PrepareError, or the
+    request is built; any other exception fails the test."""
     try:
-        parsed = ChatCompletionRequest.model_validate(body)
+        parsed = model_cls.model_validate(body)
     except ValidationError:
         return
     try:
-        build_request(parsed, "acme", ServedModel(BASE, demo_tokenizer, 2048), registry)
+        build_request(parsed, "acme", ServedModel(BASE, tokenizer, 2048), registry)
     except PrepareError as exc:
         assert 400 <= exc.status < 500
+
+
+@SETTINGS
+@given(body=message_like() | json_values)
+def test_chat_bodies_validate_and_prepare_or_refuse_cleanly(body, demo_tokenizer, registry):
+    served_or_refused(ChatCompletionRequest, body, demo_tokenizer, registry)
 
 
 @SETTINGS
 @given(body=st.fixed_dictionaries({"model": st.just(BASE), "prompt": text | st.lists(st.integers(), max_size=5)
                                    | json_values}) | json_values)
 def test_completion_bodies_validate_and_prepare_or_refuse_cleanly(body, demo_tokenizer, registry):
-    try:
-        parsed = CompletionRequest.model_validate(body)
-    except ValidationError:
-        return
-    try:
-        build_request(parsed, "acme", ServedModel(BASE, demo_tokenizer, 2048), registry)
-    except PrepareError as exc:
-        assert 400 <= exc.status < 500
+    served_or_refused(CompletionRequest, body, demo_tokenizer, registry)
 
 
 def _line(args) -> bytes:
