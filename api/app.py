@@ -29,19 +29,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         import redis
         import redis.asyncio
 
-        from scheduler.aio import AsyncQueues
-
         from adapters.registry import Registry
         from hotswap.base_model import BaseModelMissing, load_served_base
-        from scheduler.batchjobs.files import FileCatalog
         from hotswap.storage import open_store
+        from scheduler.aio import AsyncQueues
+        from scheduler.batchjobs.files import FileCatalog
+        from scheduler.batchjobs.records import JobStore  # batch jobs (records only; the scheduler runs them)
 
         app.state.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
         app.state.store = open_store(settings)
         app.state.registry = Registry(app.state.redis, app.state.store)
         app.state.files = FileCatalog(app.state.redis, app.state.store)
-        from scheduler.batchjobs.records import JobStore  # batch jobs (records only; the scheduler runs them)
-
         app.state.jobs = JobStore(app.state.redis, window_s=settings.batch_completion_window_s)
         app.state.aredis = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=30)
         app.state.aqueues = AsyncQueues(app.state.aredis, result_ttl_s=settings.result_ttl_s)
