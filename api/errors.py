@@ -7,6 +7,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hotswap.openai_schemas import printable
+
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
           422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
@@ -23,7 +25,7 @@ class APIError(Exception):
 
 def _utf8(text: str | None) -> str | None:
     """Lone surrogates (a client may send "\\ud800" inside a name) as visible escapes: UTF-8 cannot hold them."""
-    return text if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if text is None else printable(text)
 
 
 def envelope(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:

@@ -94,7 +94,7 @@ def lone_surrogate(value: Any) -> tuple[str, str] | None:
                 return path, f"\\u{ord(item[exc.start]):04x}"
         elif isinstance(item, dict):
             for key, child in item.items():
-                name = f"{path}.{_printable(key)}".removeprefix("body.")
+                name = f"{path}.{printable(key)}".removeprefix("body.")
                 stack += [(name, key), (name, child)]
         elif isinstance(item, list):
             stack += [(f"{path}.{i}".removeprefix("body."), child) for i, child in enumerate(item)]
@@ -110,8 +110,9 @@ def refuse_lone_surrogates(body: Any) -> Any:
     return body
 
 
-def _printable(key: Any) -> str:
-    return str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+def printable(text: Any) -> str:
+    """str(text) with lone surrogates as visible escapes ("\\ud800"): UTF-8 cannot hold them."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _refuse_unsupported(body: Any, kind: Kind) -> Any:
