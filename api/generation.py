@@ -83,7 +83,7 @@ async def respond(request: Request, body, kind: Kind, tenant: str):
         raise _failure(result)
     build = oa.chat_completion if kind == "chat" else oa.completion
     return build(response_id, req.model, int(req.created_at), result.text, _finish_reason(result),
-                 result.prompt_tokens, result.completion_tokens)
+                 result.prompt_tokens, result.completion_tokens, result.cached_tokens)
 
 
 async def _wait(request: Request, req: GenerationRequest) -> GenerationResult | None:
@@ -137,7 +137,8 @@ async def _sse(request: Request, req: GenerationRequest, kind: Kind, response_id
                     yield _event(chunk(finish=_finish_reason(item)))
                     if include_usage:
                         yield _event(oa.usage_chunk(response_id, req.model, created, item.prompt_tokens,
-                                                    item.completion_tokens, kind=kind))
+                                                    item.completion_tokens, kind=kind,
+                                                    cached_tokens=item.cached_tokens))
                 break
         except Exception as exc:  # noqa: BLE001 - the status is sent: the stream itself says what happened
             log.exception("stream of %s failed", req.id)

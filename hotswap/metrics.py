@@ -76,6 +76,10 @@ METRICS: dict[str, MetricDef] = {m.name: m for m in (
               "Requests of one model sent to a worker in one dispatch.", _REQ, BATCH_SIZE_BUCKETS),
     MetricDef("prompt_tokens_total", "counter", "Prompt tokens of the requests the workers ran.", _REQ),
     MetricDef("generation_tokens_total", "counter", "Tokens the workers generated.", _REQ),
+    MetricDef("prefix_cache_queries_total", "counter",
+              "Prompt tokens the engines looked up in their prefix caches, per base model.", ("base",)),
+    MetricDef("prefix_cache_hits_total", "counter",
+              "Of the prompt tokens looked up, those whose KV the prefix cache held (not computed).", ("base",)),
     MetricDef("request_success_total", "counter",
               "Requests finished by a worker (stop, length, or abort when cancelled).", _REQ + ("finished_reason",)),
     MetricDef("request_errors_total", "counter",
@@ -154,7 +158,8 @@ class MetricsBuffer:
         return len(pending)
 
 
-def record_finished(buf: MetricsBuffer, result, model: str, priority: str, itl_s: list[float] | None = None) -> None:
+def record_finished(buf: MetricsBuffer, result, model: str, priority: str, itl_s: list[float] | None = None,
+                    base: str | None = None) -> None:
     """Observe one finished request (a `hotswap.protocol.GenerationResult`).
 
     Latencies count from `queued_at` (when the API accepted the request): queue time to
@@ -163,7 +168,8 @@ def record_finished(buf: MetricsBuffer, result, model: str, priority: str, itl_s
     the request (`started_at` set); generated tokens always. Each value of `itl_s` (seconds between two
     consecutive engine outputs of the request) is one inter-token observation. A cancelled request
     counts as a success with finished_reason "abort" (as in vLLM); a failed one as an error of its
-    code.
+    code. With `base` (the worker's base model), the prompt also counts as a prefix-cache query
+    and its `cached_tokens` as hits.
     """
     labels = {"model": model, "priority": priority}
     if result.started_at is not None:
@@ -176,6 +182,9 @@ def record_finished(buf: MetricsBuffer, result, model: str, priority: str, itl_s
         buf.observe("inter_token_latency_seconds", max(0.0, gap), **labels)
     if result.prompt_tokens and result.started_at is not None:  # only prompts an engine took
         buf.inc("prompt_tokens_total", result.prompt_tokens, **labels)
+        if base is not None:
+            buf.inc("prefix_cache_queries_total", result.prompt_tokens, base=base)
+            buf.inc("prefix_cache_hits_total", result.cached_tokens, base=base)
     if result.completion_tokens:
         buf.inc("generation_tokens_total", result.completion_tokens, **labels)
     if result.status == "failed":

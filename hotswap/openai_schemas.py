@@ -266,9 +266,11 @@ def new_id(kind: Kind) -> str:
     return ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens whose KV came from the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _envelope(id: str, obj: str, model: str, created: int | None, choices: list) -> dict:
@@ -277,11 +279,11 @@ def _envelope(id: str, obj: str, model: str, created: int | None, choices: list)
 
 
 def chat_completion(id: str, model: str, created: int | None, text: str, finish_reason: FinishReason,
-                    prompt_tokens: int, completion_tokens: int) -> dict:
+                    prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     message = {"role": "assistant", "content": text, "refusal": None}
     body = _envelope(id, "chat.completion", model, created,
                      [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}])
-    body["usage"] = usage(prompt_tokens, completion_tokens)
+    body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
     return body
 
 
@@ -300,19 +302,19 @@ def chat_chunk(id: str, model: str, created: int | None, delta_text: str | None 
 
 
 def usage_chunk(id: str, model: str, created: int | None, prompt_tokens: int, completion_tokens: int,
-                kind: Kind = "chat") -> dict:
+                kind: Kind = "chat", cached_tokens: int = 0) -> dict:
     """The last chunk of a stream with stream_options.include_usage: no choices, only usage."""
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     body = _envelope(id, obj, model, created, [])
-    body["usage"] = usage(prompt_tokens, completion_tokens)
+    body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
     return body
 
 
 def completion(id: str, model: str, created: int | None, text: str, finish_reason: FinishReason,
-               prompt_tokens: int, completion_tokens: int) -> dict:
+               prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     body = _envelope(id, "text_completion", model, created,
                      [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}])
-    body["usage"] = usage(prompt_tokens, completion_tokens)
+    body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
     return body
 
 

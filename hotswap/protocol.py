@@ -94,6 +94,7 @@ class GenerationResult(BaseModel):
     token_ids: list[int] = Field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, those whose KV the engine's prefix cache held
     completion_tokens: int = 0
     error: dict | None = None  # {"code", "message"} when status is "failed"
     worker: str | None = None

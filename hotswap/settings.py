@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(default=64, ge=1, description="Sequences the engine runs in one step.")
     max_loras: int = Field(default=8, ge=0, description="LoRA adapters resident in GPU slots at once.")
     kv_cache_gb: float = Field(default=1.0, gt=0, description="KV cache size on CPU (on GPU it is sized from free memory).")
+    prefix_caching: bool = Field(default=True, description="Reuse the KV of prompt prefixes already computed under the same weights (HOTSWAP_PREFIX_CACHING=0 turns it off).")
     drain_timeout_s: float = Field(default=60.0, ge=0, description="On SIGTERM: how long running requests may finish before they are requeued.")
     fault_crash_marker: str | None = Field(default=None, description="Fault injection for tests: a worker exits abruptly on a prompt containing this text.")
 

@@ -30,10 +30,10 @@ def success_line(spec: GenerationRequest, result: GenerationResult, kind: str) -
     finish = "length" if result.finish_reason == "length" else "stop"
     if kind == "chat":
         body = oa.chat_completion("chatcmpl-" + hex_id, spec.model, int(spec.created_at), result.text, finish,
-                                  result.prompt_tokens, result.completion_tokens)
+                                  result.prompt_tokens, result.completion_tokens, result.cached_tokens)
     else:
         body = oa.completion("cmpl-" + hex_id, spec.model, int(spec.created_at), result.text, finish,
-                             result.prompt_tokens, result.completion_tokens)
+                             result.prompt_tokens, result.completion_tokens, result.cached_tokens)
     return json.dumps({"id": line_id(spec), "custom_id": spec.custom_id,
                        "response": {"status_code": 200, "request_id": spec.id, "body": body}, "error": None})
 

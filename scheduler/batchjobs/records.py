@@ -111,6 +111,7 @@ class JobRecord(BaseModel):
     completed: int = 0
     failed: int = 0
     input_tokens: int = 0
+    cached_tokens: int = 0  # of input_tokens, those served from the engines' prefix caches
     output_tokens: int = 0
     # Internal (never shown): how the job ends once its open requests are in, and the feed cursor.
     ending: Literal["completed", "cancelled", "expired"] | None = None
@@ -134,7 +135,7 @@ class JobRecord(BaseModel):
         body["object"] = "batch"
         body["errors"] = {"object": "list", "data": self.errors} if self.errors else None
         body["request_counts"] = {"total": self.total, "completed": self.completed, "failed": self.failed}
-        body["usage"] = {"input_tokens": self.input_tokens, "input_tokens_details": {"cached_tokens": 0},
+        body["usage"] = {"input_tokens": self.input_tokens, "input_tokens_details": {"cached_tokens": self.cached_tokens},
                          "output_tokens": self.output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                          "total_tokens": self.input_tokens + self.output_tokens}
         return body

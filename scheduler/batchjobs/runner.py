@@ -299,7 +299,7 @@ class JobRunner:
             pipe.smismember(keys.job_open(record.id), ids)
             *rows, members = pipe.execute()
         lines: dict[str, list[str]] = {"output": [], "errors": []}
-        counts = {"completed": 0, "failed": 0, "input_tokens": 0, "output_tokens": 0}
+        counts = {"completed": 0, "failed": 0, "input_tokens": 0, "cached_tokens": 0, "output_tokens": 0}
         collected: dict[str, None] = {}
         for rid, (spec, result), member in zip(ids, rows, members):
             if not member or rid in collected:
@@ -318,6 +318,7 @@ class JobRunner:
             counts["completed" if where == "output" else "failed"] += 1
             if where == "output":
                 counts["input_tokens"] += result.prompt_tokens
+                counts["cached_tokens"] += result.cached_tokens
                 counts["output_tokens"] += result.completion_tokens
 
         def change(r: JobRecord, pipe):

@@ -163,6 +163,18 @@ def test_record_finished_completed(redis_client):
     assert "request_errors_total" not in got
 
 
+def test_record_finished_counts_prefix_cache_queries_and_hits(redis_client):
+    """vLLM's prefix-cache counters, in tokens, per base model: a started prompt is a query of its
+    length, its cached tokens are hits; a request no engine took queries nothing."""
+    buf = MetricsBuffer()
+    record_finished(buf, _result(cached_tokens=0), "base", "realtime", base="smol")
+    record_finished(buf, _result(prompt_tokens=40, cached_tokens=32), "base", "batch", base="smol")
+    record_finished(buf, _result(started_at=None, status="failed", error={"code": "x"}), "base", "batch", base="smol")
+    got = _flushed(redis_client, buf)
+    assert got["prefix_cache_queries_total"] == {field({"base": "smol"}): "51"}
+    assert got["prefix_cache_hits_total"] == {field({"base": "smol"}): "32"}
+
+
 def test_record_finished_failed_before_running(redis_client):
     """A request failed before any engine took it (e.g. its adapter could not be fetched): an
     error of its code, no latency that would look like a fast answer, no prompt tokens processed."""

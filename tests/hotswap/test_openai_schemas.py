@@ -212,6 +212,20 @@ def test_chat_completion_shape():
     assert (parsed.usage.prompt_tokens, parsed.usage.completion_tokens, parsed.usage.total_tokens) == (12, 3, 15)
 
 
+def test_cached_tokens_in_every_usage():
+    """OpenAI's usage.prompt_tokens_details.cached_tokens: 0 by default, the count when given."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    chat = ChatCompletion.model_validate(chat_completion("c", "base", 1, "x", "stop", 40, 2, cached_tokens=32))
+    text = Completion.model_validate(completion("c", "base", 1, "x", "stop", 40, 2, cached_tokens=16))
+    tail = ChatCompletionChunk.model_validate(usage_chunk("c", "base", 1, 40, 2, cached_tokens=48))
+    plain = ChatCompletion.model_validate(chat_completion("c", "base", 1, "x", "stop", 40, 2))
+    for parsed in (chat, text, tail, plain):
+        no_extras(parsed)
+    assert [p.usage.prompt_tokens_details.cached_tokens for p in (chat, text, tail, plain)] == [32, 16, 48, 0]
+
+
 def test_chat_chunks_shape():
     from openai.types.chat import ChatCompletionChunk
 
