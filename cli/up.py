@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -40,7 +39,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from hotswap.localhost import free_port, port_free, redis_executable
+from hotswap import processes
+from hotswap.localhost import free_port, port_free, start_redis
+from hotswap.processes import ProcessGroup, how_it_ended, pid_alive, tail
 
 TENANT = "local"
 HOTSWAP = [sys.executable, "-m", "cli.main"]
@@ -74,18 +75,11 @@ class RestartPolicy:
         return deaths - 1 >= self.max_failed_restarts  # the first death is not a failed restart
 
 
-@dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen
-    log: Path
-    stop_timeout_s: float = 30.0
-    cmd: list[str] = field(default_factory=list)  # how to start it again
-    env: dict | None = None
-    stdout_to_terminal: bool = False
-    started_at: float = field(default_factory=time.monotonic)
+@dataclass(eq=False)
+class Child(processes.Child):
+    """A child of the process group, with what the supervisor knows of its deaths."""
+
     deaths: int = 0  # in a row (RestartPolicy)
-    restarts: int = 0
     restart_at: float | None = None  # dead, to be restarted then (time.monotonic())
 
 
@@ -107,6 +101,7 @@ class Up:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
         self.logs = self.data_dir / "logs"
         self.state_file = self.data_dir / "up.json"
+        self.group = ProcessGroup(self.logs, own_group=True, child_type=Child)  # stopped in reverse order
         self.stopping = threading.Event()
         self.force = False
         self.signal_name = ""
@@ -207,29 +202,13 @@ class Up:
     def _start_redis(self):
         import redis
 
-        redis_dir = self.data_dir / "redis"
-        redis_dir.mkdir(parents=True, exist_ok=True)
         try:
-            server = redis_executable()
-        except RuntimeError as exc:
+            start_redis(self.group, self.redis_port, self.data_dir / "redis", persistent=True)
+        except (RuntimeError, TimeoutError) as exc:  # no binary, it exited, it did not answer
             raise UpError(str(exc)) from None
-        cmd = [server, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", str(redis_dir),
-               "--appendonly", "yes", "--protected-mode", "yes", "--daemonize", "no",
-               "--logfile", str(self.logs / "redis.log")]
-        self.redis_child = self._spawn("redis", cmd, None)
-        client = redis.Redis.from_url(self.redis_url, socket_timeout=10)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.redis_child.proc.poll() is not None:
-                raise UpError(f"redis-server exited with code {self.redis_child.proc.returncode}: "
-                              f"{tail(self.redis_child.log, 5)}")
-            try:
-                client.ping()
-                return client
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise UpError(f"redis-server did not answer on port {self.redis_port}: see {self.logs}/redis.log")
-                time.sleep(0.05)
+        finally:
+            self.redis_child = self.group.get("redis")
+        return redis.Redis.from_url(self.redis_url, socket_timeout=10)
 
     def _env(self, model_dir: Path) -> dict[str, str]:
         env = dict(os.environ)
@@ -244,19 +223,7 @@ class Up:
 
     def _spawn(self, name: str, cmd: list[str], env: dict | None, *, stdout_to_terminal: bool = False,
                stop_timeout_s: float = 30.0) -> Child:
-        log_path = self.logs / f"{name}.log"
-        proc = self._popen(cmd, env, log_path, stdout_to_terminal)
-        return Child(name, proc, log_path, stop_timeout_s, cmd=cmd, env=env, stdout_to_terminal=stdout_to_terminal)
-
-    @staticmethod
-    def _popen(cmd: list[str], env: dict | None, log_path: Path, stdout_to_terminal: bool) -> subprocess.Popen:
-        log = open(log_path, "ab")
-        try:
-            return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=None if stdout_to_terminal else log, stderr=log,
-                                    preexec_fn=_own_group_dies_with_parent(os.getpid()))
-        finally:
-            log.close()  # the child has its own copy
+        return self.group.start(name, cmd, env, stop_timeout_s=stop_timeout_s, stdout_to_terminal=stdout_to_terminal)
 
     def _spawn_hotswap(self, name: str, args: list[str], env: dict, **kw) -> Child:
         child = self._spawn(name, self.hotswap_cmd + args, env, **kw)
@@ -266,7 +233,7 @@ class Up:
     def _write_state(self) -> None:
         state = {"pid": os.getpid(), "api": f"http://{self.host}:{self.port}", "redis_url": self.redis_url,
                  "logs": str(self.logs),
-                 "children": {c.name: c.proc.pid for c in [self.redis_child, *self.children] if c is not None},
+                 "children": {c.name: c.pid for c in self.group},
                  "restarts": {c.name: c.restarts for c in self.children}}
         self.state_file.write_text(json.dumps(state, indent=2) + "\n")
 
@@ -299,7 +266,7 @@ class Up:
                 if self.stopping.is_set():
                     err.print(f"{self.signal_name}: stopping before startup finished")
                     return False
-                dead = self._dead_child()
+                dead = self.group.first_dead()
                 if dead is not None:
                     self._report_death(dead)
                     return False
@@ -349,12 +316,6 @@ class Up:
 
     # -- running ------------------------------------------------------------------------------------
 
-    def _dead_child(self) -> Child | None:
-        for child in [self.redis_child, *self.children]:
-            if child is not None and child.proc.poll() is not None:
-                return child
-        return None
-
     def _report_death(self, child: Child, why: str = "") -> None:
         err.print(f"[bold red]error:[/] {child.name} {how_it_ended(child.proc.returncode)}{why}; "
                   f"stopping everything. End of {child.log}:")
@@ -364,7 +325,7 @@ class Up:
         """Until Ctrl-C / SIGTERM (0), restarting children that die; 1 when Redis dies or a child
         keeps dying."""
         while not self.stopping.wait(self.poll_s):
-            if self.redis_child is not None and self.redis_child.proc.poll() is not None:
+            if self.redis_child is not None and not self.redis_child.alive:
                 self._report_death(self.redis_child, f" (it holds every queue and request: run `hotswap up` "
                                                      f"again; its data is in {self.data_dir / 'redis'})")
                 return 1
@@ -398,9 +359,7 @@ class Up:
         # Spawned from the main thread, as at startup: PR_SET_PDEATHSIG fires when the spawning
         # *thread* ends, so a child started from a short-lived thread would be sent SIGTERM.
         child.restart_at = None
-        child.restarts += 1
-        child.proc = self._popen(child.cmd, child.env, child.log, child.stdout_to_terminal)
-        child.started_at = time.monotonic()
+        self.group.restart(child.name)
         self._note(child, f"restarted {child.name} (restart {child.restarts}): pid {child.proc.pid}")
         self._write_state()
 
@@ -417,30 +376,18 @@ class Up:
     # -- stopping -----------------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
+        """The reverse of the start order: API (no new requests), workers (SIGTERM: they drain),
+        scheduler, Redis (SHUTDOWN SAVE)."""
         self.stopping.set()
-        order = [c for c in self.children if c.name == "api"] + \
-                [c for c in self.children if c.name.startswith("worker")] + \
-                [c for c in self.children if c.name == "scheduler"]
-        for child in order:
-            self._stop(child, lambda c: c.proc.send_signal(signal.SIGTERM))
-        if self.redis_child is not None:
-            self._stop(self.redis_child, self._shutdown_redis)
+        for child in reversed(list(self.group)):
+            self._stop(child, self._shutdown_redis if child is self.redis_child else None)
 
-    def _stop(self, child: Child, ask) -> None:
-        if child.proc.poll() is None:
-            with err.status(f"stopping {child.name} ..."):
-                try:
-                    ask(child)
-                except Exception:
-                    child.proc.terminate()
-                deadline = time.monotonic() + child.stop_timeout_s
-                while child.proc.poll() is None and time.monotonic() < deadline and not self.force:
-                    time.sleep(0.1)
-            if child.proc.poll() is None:
-                why = "killed" if self.force else f"did not stop in {child.stop_timeout_s:.0f} s: killed"
-                child.proc.kill()
-                err.print(f"[yellow]{child.name} {why}[/]")
-        child.proc.wait()
+    def _stop(self, child: Child, ask=None) -> None:
+        with err.status(f"stopping {child.name} ..."):
+            stopped = self.group.stop(child.name, ask=ask, hurry=lambda: self.force)
+        if not stopped:
+            why = "killed" if self.force else f"did not stop in {child.stop_timeout_s:.0f} s: killed"
+            err.print(f"[yellow]{child.name} {why}[/]")
         err.print(f"stopped {child.name}")
 
     def _shutdown_redis(self, child: Child) -> None:
@@ -452,64 +399,12 @@ class Up:
             pass  # the server closes the connection as it exits
 
 
-def how_it_ended(returncode: int) -> str:
-    if returncode >= 0:
-        return f"exited with code {returncode}"
-    try:
-        name = signal.Signals(-returncode).name
-    except ValueError:
-        name = f"signal {-returncode}"
-    return f"was killed by {name}" + (" (kill -9 or the out-of-memory killer)" if name == "SIGKILL" else "")
-
-
 def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-
-
-def _own_group_dies_with_parent(parent_pid: int):
-    """preexec_fn: a process group of its own (the terminal's Ctrl-C reaches only the supervisor,
-    which stops the children in order) and, on Linux, SIGTERM when the supervisor dies."""
-    prctl = None
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved now, in the parent
-        except (OSError, AttributeError):
-            prctl = None
-
-    def setup() -> None:
-        os.setpgrp()
-        if prctl is not None:
-            prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-            if os.getppid() != parent_pid:  # the supervisor died before that took effect
-                os._exit(1)
-
-    return setup
-
-
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
 
 
 def run_up(*, host: str = "127.0.0.1", port: int = 8000, redis_port: int | None = None,

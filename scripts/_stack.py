@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python scripts/x.py` puts scripts/ first, not the repo
     sys.path.insert(0, str(ROOT))
 
-from hotswap.localhost import free_port, redis_executable  # noqa: E402
+from hotswap.localhost import free_port, start_redis  # noqa: E402
+from hotswap.processes import ProcessGroup, tail, wait_http  # noqa: E402
 
 HOTSWAP = [sys.executable, "-m", "cli.main"]
 
@@ -49,30 +49,6 @@ def cuda_available() -> bool:
         return torch.cuda.is_available()
     except ImportError:
         return False
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before {url} answered"
-                               + (f": see {log}\n{tail(log)}" if log else ""))
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"{url} did not answer in {timeout:.0f} s" + (f": see {log}" if log else ""))
-
-
-def tail(path: Path | None, lines: int = 15) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except (OSError, TypeError):
-        return "(no log)"
 
 
 def last_tracebacks(log_dir: Path, lines: int = 30) -> dict[str, str]:
@@ -139,32 +115,6 @@ class CpuMeter:
         return {"other_cpu_share": max(0.0, (busy - ours) / (wall * cpus)), "measured_cpu_share": ours / (wall * cpus)}
 
 
-class _Procs:
-    """Spawning and stopping of named child processes, logs in log_dir."""
-
-    def __init__(self, log_dir: Path):
-        self.log_dir = log_dir
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def spawn(self, name: str, cmd: list[str], env: dict | None) -> subprocess.Popen:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        self.procs[name] = proc
-        return proc
-
-    def stop(self, name: str, timeout: float = 30, sig: int = signal.SIGTERM) -> None:
-        proc = self.procs.get(name)
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 class LocalStack:
     """redis-server + `hotswap scheduler` + N x `hotswap worker` + `hotswap api`, on loopback ports."""
 
@@ -179,7 +129,7 @@ class LocalStack:
         self.redis_port = free_port()
         self.extra_env = {k: str(v) for k, v in (env or {}).items()}
         self.startup_timeout_s = startup_timeout_s
-        self.procs = _Procs(self.data_dir / "logs")
+        self.procs = ProcessGroup(self.data_dir / "logs")  # stopped in reverse order: API, workers, scheduler, Redis
         self.url = f"http://127.0.0.1:{self.port}"
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
         self.redis = None
@@ -207,31 +157,20 @@ class LocalStack:
         from hotswap.settings import Settings
 
         self.model_dir = self.model_dir or default_model_dir()
-        self.procs.spawn("redis", [redis_executable(), "--port", str(self.redis_port), "--bind", "127.0.0.1",
-                                   "--save", "", "--appendonly", "no", "--dir", str(self.data_dir),
-                                   "--protected-mode", "no"], None)
+        start_redis(self.procs, self.redis_port, self.data_dir)
+        self.procs["redis"].stop_timeout_s = 15
         self.redis = redis.Redis.from_url(self.redis_url, socket_timeout=30)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self.redis.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.procs.procs["redis"].poll() is not None:
-                    raise RuntimeError(f"redis-server did not start: see {self.procs.log_dir}/redis.log") from None
-                time.sleep(0.05)
         self.env = self._env()
         self.settings = Settings(redis_url=self.redis_url, storage_url=self.env["HOTSWAP_STORAGE_URL"],
                                  base_model_dir=self.model_dir, data_dir=self.data_dir,
                                  cache_dir=self.data_dir / "cache")
         self.base_model = self.settings.base_model
         self.key = create_key(self.redis, self.tenant)
-        self.procs.spawn("scheduler", HOTSWAP + ["scheduler", "--log-level", "WARNING"], self.env)
+        self.procs.start("scheduler", HOTSWAP + ["scheduler", "--log-level", "WARNING"], self.env, stop_timeout_s=15)
         for i in range(self.num_workers):
             self.start_worker(i)
-        self.procs.spawn("api", HOTSWAP + ["api", "--port", str(self.port)], self.env)
-        wait_http(self.url + "/healthz", self.startup_timeout_s, self.procs.procs["api"],
-                  self.procs.log_dir / "api.log")
+        api = self.procs.start("api", HOTSWAP + ["api", "--port", str(self.port)], self.env, stop_timeout_s=15)
+        wait_http(self.url + "/healthz", self.startup_timeout_s, api)
         self.wait_workers(self.num_workers, self.startup_timeout_s)
 
     def _env(self) -> dict:
@@ -252,11 +191,7 @@ class LocalStack:
         return env
 
     def close(self) -> None:
-        self.procs.stop("api", timeout=15)
-        for name in [n for n in self.procs.procs if n.startswith("worker")]:
-            self.procs.stop(name, timeout=30)
-        self.procs.stop("scheduler", timeout=15)
-        self.procs.stop("redis", timeout=15)
+        self.procs.stop_all()
         if self.redis is not None:
             self.redis.close()
         if self._own_dir and not self.keep:
@@ -265,19 +200,16 @@ class LocalStack:
     # -- workers --------------------------------------------------------------------------------
 
     def start_worker(self, i: int) -> int:
-        proc = self.procs.spawn(f"worker{i}", HOTSWAP + ["worker", "--log-level", "WARNING"], self.env)
-        self.worker_starts.append((time.time(), i, proc.pid))
-        return proc.pid
+        child = self.procs.start(f"worker{i}", HOTSWAP + ["worker", "--log-level", "WARNING"], self.env)
+        self.worker_starts.append((time.time(), i, child.pid))
+        return child.pid
 
     def worker_pid(self, i: int) -> int | None:
-        proc = self.procs.procs.get(f"worker{i}")
-        return proc.pid if proc is not None and proc.poll() is None else None
+        child = self.procs.get(f"worker{i}")
+        return child.pid if child is not None and child.alive else None
 
     def kill_worker(self, i: int, sig: int = signal.SIGKILL) -> int:
-        proc = self.procs.procs[f"worker{i}"]
-        proc.send_signal(sig)
-        proc.wait(timeout=30)
-        return proc.pid
+        return self.procs.kill(f"worker{i}", sig)
 
     def live_workers(self) -> list:
         from scheduler.workers import live_workers
@@ -292,16 +224,16 @@ class LocalStack:
             live = [w for w in self.live_workers() if w.id not in exclude]
             if len(live) >= n:
                 return live
-            for name, proc in self.procs.procs.items():
-                if name.startswith("worker") and proc.poll() is not None and proc.returncode not in (-9, -15):
-                    raise RuntimeError(f"{name} exited with {proc.returncode}: see {self.procs.log_dir}/{name}.log\n"
-                                       f"{tail(self.procs.log_dir / f'{name}.log')}")
+            for child in self.procs:
+                if child.name.startswith("worker") and not child.alive and child.proc.returncode not in (-9, -15):
+                    raise RuntimeError(f"{child.name} exited with {child.proc.returncode}: see {child.log}\n"
+                                       f"{tail(child.log, 15)}")
             time.sleep(0.2)
         raise TimeoutError(f"{n} workers did not come up in {timeout:.0f} s: see {self.procs.log_dir}")
 
     def pids(self) -> dict[str, int]:
         """Live processes by role: api, scheduler, redis, worker0, worker1, ..."""
-        return {name: p.pid for name, p in self.procs.procs.items() if p.poll() is None}
+        return self.procs.pids()
 
     # -- tenants and adapters -------------------------------------------------------------------
 
@@ -342,7 +274,7 @@ class TransformersServe:
         self._tmp = None if log_dir else tempfile.mkdtemp(prefix="transformers-serve-")
         self.log_dir = Path(log_dir or self._tmp)
         self.startup_timeout_s = startup_timeout_s
-        self.procs = _Procs(self.log_dir)
+        self.procs = ProcessGroup(self.log_dir)
         self.url = f"http://127.0.0.1:{self.port}"
 
     @property
@@ -364,18 +296,18 @@ class TransformersServe:
     def __enter__(self) -> "TransformersServe":
         self.model_dir = self.model_dir or default_model_dir()
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-        proc = self.procs.spawn("transformers-serve", self.command(), env)
+        child = self.procs.start("transformers-serve", self.command(), env)
         try:
-            wait_http(self.url + "/health", self.startup_timeout_s, proc, self.log_dir / "transformers-serve.log")
+            wait_http(self.url + "/health", self.startup_timeout_s, child)
         except BaseException:
             self.__exit__()
             raise
         return self
 
     def pids(self) -> dict[str, int]:
-        return {name: p.pid for name, p in self.procs.procs.items() if p.poll() is None}
+        return self.procs.pids()
 
     def __exit__(self, *exc) -> None:
-        self.procs.stop("transformers-serve", timeout=30)
+        self.procs.stop_all()
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)

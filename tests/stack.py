@@ -13,6 +13,8 @@ from pathlib import Path
 
 import redis
 
+from hotswap.processes import ProcessGroup
+
 HOTSWAP = [sys.executable, "-c", "from cli.main import main; main()"]
 
 
@@ -37,32 +39,40 @@ def stack_env(redis_url: str, storage_env: dict[str, str], model_dir: Path, cach
 
 
 class Stack:
-    """Workers and a scheduler as subprocesses. `supervise=True` restarts a worker that exits,
-    as systemd or Kubernetes would."""
+    """A scheduler and workers as subprocesses (a hotswap.processes group: stopped in reverse
+    order). `supervise=True` restarts a worker that exits, as systemd or Kubernetes would."""
 
     def __init__(self, env: dict, log_dir: Path, workers: int = 1, supervise: bool = False):
         self.env, self.log_dir, self.num_workers, self.supervise = env, Path(log_dir), workers, supervise
         self.redis = redis.Redis.from_url(env["HOTSWAP_REDIS_URL"])
-        self.workers: list[subprocess.Popen | None] = [None] * workers
-        self.scheduler: subprocess.Popen | None = None
+        self.group = ProcessGroup(self.log_dir)
+        self.scheduler: subprocess.Popen | None = None  # a test may replace it with one it spawned
         self.restarts = 0
         self._stop = threading.Event()
         self._watch: threading.Thread | None = None
 
+    @property
+    def workers(self) -> list[subprocess.Popen | None]:
+        return [c.proc if c is not None else None for c in map(self.group.get, self._worker_names())]
+
+    def _worker_names(self) -> list[str]:
+        return [f"worker{i}" for i in range(self.num_workers)]
+
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "ab")
-        return subprocess.Popen(HOTSWAP + args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        return self.group.start(name, HOTSWAP + args, self.env).proc
 
     def start_worker(self, i: int) -> subprocess.Popen:
-        self.workers[i] = self._spawn(["worker"], f"worker{i}")
-        return self.workers[i]
+        return self._spawn(["worker"], f"worker{i}")
 
     def __enter__(self) -> "Stack":
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.scheduler = self._spawn(["scheduler"], "scheduler")
         for i in range(self.num_workers):
             self.start_worker(i)
-        self.scheduler = self._spawn(["scheduler"], "scheduler")
-        self.wait_workers(self.num_workers)
+        try:
+            self.wait_workers(self.num_workers)
+        except BaseException:
+            self.group.stop_all()  # `with` calls no __exit__ when __enter__ fails
+            raise
         if self.supervise:
             self._watch = threading.Thread(target=self._supervise, daemon=True)
             self._watch.start()
@@ -70,10 +80,10 @@ class Stack:
 
     def _supervise(self) -> None:
         while not self._stop.wait(0.2):
-            for i, proc in enumerate(self.workers):
-                if proc is not None and proc.poll() is not None:
+            for name in self._worker_names():
+                if not self.group[name].alive:
                     self.restarts += 1
-                    self.start_worker(i)
+                    self.group.restart(name)
 
     def live_workers(self):
         from scheduler.workers import live_workers
@@ -103,15 +113,7 @@ class Stack:
         self._stop.set()
         if self._watch:
             self._watch.join(timeout=5)
-        for proc in [*self.workers, self.scheduler]:
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-        for proc in [*self.workers, self.scheduler]:
-            if proc is not None:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        self.group.stop_all()
 
 
 def wait_results(queues, ids: list[str], timeout: float = 240) -> dict:

@@ -51,3 +51,27 @@ def test_the_check_sees_lazy_imports(tmp_path):
 
 def test_scripts_do_not_import_the_tests():
     assert not [p.name for p in sorted((ROOT / "scripts").glob("*.py")) if "tests" in top_level_imports(p)]
+
+
+# the API and scheduler processes never import torch; the one exception converts the demo model
+TORCH_FREE = ("api", "scheduler", "hotswap")
+NEEDS_TORCH = {"hotswap/demo_model.py"}
+
+
+def test_the_api_scheduler_and_foundation_never_import_torch():
+    wrong = [str(p.relative_to(ROOT)) for package in TORCH_FREE for p in sorted((ROOT / package).rglob("*.py"))
+             if "torch" in top_level_imports(p) and str(p.relative_to(ROOT)) not in NEEDS_TORCH]
+    assert not wrong
+
+
+def popen_calls(path: Path) -> int:
+    return sum(1 for node in ast.walk(ast.parse(path.read_text(), str(path)))
+               if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "Popen")
+
+
+@pytest.mark.parametrize("launcher", ["cli/up.py", "scripts/_stack.py", "tests/stack.py", "hotswap/localhost.py"])
+def test_local_servers_start_through_the_one_process_group(launcher):
+    """`hotswap up`, the scripts' LocalStack and the tests' Stack start, restart and stop their
+    children with hotswap.processes, not with code of their own."""
+    assert popen_calls(ROOT / launcher) == 0
+    assert popen_calls(ROOT / "hotswap" / "processes.py") == 1  # the check sees a call
