@@ -29,7 +29,6 @@ import gc
 import json
 import os
 import random
-import shutil
 import statistics
 import sys
 import tempfile
@@ -39,28 +38,12 @@ from pathlib import Path
 
 import torch
 
+from benchkit.random_models import RANDOM_MODELS, ensure_random_model
+
 _MIN_TOKEN_ID = 10  # keep clear of special ids (unk, bos, eos, pad, ...) at the bottom of the vocab
 _WARMUP_PROMPTS = [[11, 12, 13, 14, 15, 16, 17, 18], [21, 22, 23, 24, 25]]
 _WARMUP_TOKENS = 4
 
-_LLAMA3_ROPE = {
-    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
-}
-# Shapes for --random-model (LlamaConfig fields over _RANDOM_DEFAULTS). "smollm2-135m" is the demo
-# model's shape; "llama3-tiny" is a CPU-sized stand-in that exercises the same path.
-RANDOM_MODELS = {
-    "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                      intermediate_size=14336, vocab_size=128256),
-    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192,
-                         tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
-    "llama3-tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        intermediate_size=256, vocab_size=2048),
-}
-_RANDOM_DEFAULTS = dict(max_position_embeddings=131072, rms_norm_eps=1e-5, rope_parameters=_LLAMA3_ROPE,
-                        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-_RANDOM_DONE = ".random-model"  # marker in a finished --random-model-dir: the shape and seed it holds
 # Spec HBM bandwidth (GB/s) by device name, for the second decode floor (--hbm-gb-s overrides).
 SPEC_HBM_GB_S = {"H200": 4800.0, "H100 80GB HBM3": 3350.0, "A100-SXM4-80GB": 2039.0}
 
@@ -147,34 +130,6 @@ def release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def build_random_model(name: str, out_dir: Path, device: torch.device, seed: int) -> Path:
-    """Save a random-init bf16 Llama of the named shape (safetensors + config) into out_dir."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**{**_RANDOM_DEFAULTS, **RANDOM_MODELS[name]})
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(out_dir)
-    del model
-    release_memory(device)
-    return out_dir
-
-
-def ensure_random_model(name: str, out_dir: Path, device: torch.device, seed: int) -> Path:
-    """The random model in out_dir: reused when a finished one of this shape and seed is there, else built."""
-    out_dir = Path(out_dir)
-    stamp = f"{name} seed {seed}\n"
-    marker = out_dir / _RANDOM_DONE
-    if marker.exists() and marker.read_text() == stamp:
-        return out_dir
-    if out_dir.exists():  # another shape, or a build that was cut short
-        shutil.rmtree(out_dir)
-    build_random_model(name, out_dir, device, seed)
-    marker.write_text(stamp)
-    return out_dir
 
 
 def model_vocab_size(model_dir: Path) -> int:

@@ -31,7 +31,8 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from adapters.synthetic import write_random_lora  # noqa: E402
-from bench_engine import RANDOM_MODELS, ensure_random_model, resolve_device  # noqa: E402
+from bench_engine import resolve_device  # noqa: E402
+from benchkit.random_models import RANDOM_MODELS, ensure_random_model  # noqa: E402
 from hotswap.demo_model import fetch_demo_model  # noqa: E402
 from worker.engine.config import EngineConfig  # noqa: E402
 from worker.engine.engine import LLMEngine  # noqa: E402

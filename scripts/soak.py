@@ -50,14 +50,9 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-for _p in (HERE.parent, HERE):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from bench_serving import (  # noqa: E402
-    PromptMaker, RequestRecord, arrival_offsets, assign_models, percentiles, request_body, send_one, tpot,
-)
+from benchkit.client import RequestRecord, auth_headers, endpoint_url, http_client, request_body, send_one
+from benchkit.stats import percentiles, tpots_of
+from benchkit.workload import PromptMaker, arrival_offsets, assign_models
 
 DOCUMENTED_REFUSALS = {429, 503}  # queue full; no live worker (Retry-After)
 
@@ -150,9 +145,8 @@ def per_minute(records: list[RequestRecord], qs=(50, 90, 99)) -> list[dict]:
     for minute in range(last + 1):
         rs = [r for r in records if int(r.send_s // 60) == minute]
         ok = [r for r in rs if r.success]
-        tpots = [t for r in ok if (t := tpot(r.e2el, r.ttft, r.output_tokens)) is not None]
         rows.append({"minute": minute, "sent": len(rs), "ok": len(ok), "errors": len(rs) - len(ok),
-                     "ttft_ms": percentiles([r.ttft for r in ok], qs), "tpot_ms": percentiles(tpots, qs),
+                     "ttft_ms": percentiles([r.ttft for r in ok], qs), "tpot_ms": percentiles(tpots_of(ok), qs),
                      "e2el_ms": percentiles([r.e2el for r in ok], qs)})
     return rows
 
@@ -290,8 +284,7 @@ class Client:
     def __init__(self, harness, models: list[str], args, tokenizer):
         self.h, self.models, self.args, self.tok = harness, models, args, tokenizer
         self.maker = PromptMaker(tokenizer)
-        self.url = harness.url.rstrip("/") + "/v1/completions"
-        self.headers = {"Authorization": f"Bearer {harness.key}"} if harness.key else {}
+        self.url, self.headers = endpoint_url(harness.url, chat=False), auth_headers(harness.key)
         self.known_ids: set[str] = set()
         self._prompts: dict[int, str] = {}
 
@@ -309,13 +302,6 @@ class Client:
         if record.response_id:
             self.known_ids.add(request_id(record.response_id))
         return record
-
-
-def http_client(timeout: float):
-    import httpx
-
-    return httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=30),
-                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
 
 
 async def warm_up(client: Client) -> None:
@@ -521,7 +507,7 @@ def build_report(args, capacity, rate, load, memory: MemorySampler, stored, stor
                   "retained_requests": retained} if used else {}
     ok = [r for r in records if r.success]
     overall = {"ttft_ms": percentiles([r.ttft for r in ok]), "e2el_ms": percentiles([r.e2el for r in ok]),
-               "tpot_ms": percentiles([t for r in ok if (t := tpot(r.e2el, r.ttft, r.output_tokens)) is not None]),
+               "tpot_ms": percentiles(tpots_of(ok)),
                "output_tokens_per_s": sum(r.output_tokens for r in ok) / load["wall_s"],
                "requests_per_s": len(ok) / load["wall_s"]}
     checks = {

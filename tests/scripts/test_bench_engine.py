@@ -65,17 +65,3 @@ def test_adapters_mode_runs_peft_and_both_engine_sides(bench, tmp_path):
     assert saved["mixed_vs_base"] > 0
     assert sum(saved["requests_per_adapter"].values()) == 4
     assert report["config"]["adapters"] == 3
-
-
-def test_random_model_dir_is_built_once_and_reused(bench, tmp_path):
-    """--random-model-dir: a finished model of the same shape and seed is reused (the GPU proof's steps share one)."""
-    import torch
-
-    cpu = torch.device("cpu")
-    model_dir = bench.ensure_random_model("llama3-tiny", tmp_path / "m", cpu, seed=0)
-    weights = model_dir / "model.safetensors"
-    built = weights.stat().st_mtime_ns
-    assert bench.ensure_random_model("llama3-tiny", model_dir, cpu, seed=0) == model_dir
-    assert weights.stat().st_mtime_ns == built
-    bench.ensure_random_model("llama3-tiny", model_dir, cpu, seed=1)  # another seed: rebuilt in place
-    assert weights.stat().st_mtime_ns != built and "seed 1" in (model_dir / bench._RANDOM_DONE).read_text()

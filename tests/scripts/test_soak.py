@@ -13,7 +13,7 @@ from tests.script_modules import loaded_script
 
 @pytest.fixture(scope="module")
 def soak():
-    with loaded_script("soak", "bench_serving", "_stack") as module:
+    with loaded_script("soak", "_stack") as module:
         yield module
 
 
