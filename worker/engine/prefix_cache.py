@@ -34,15 +34,15 @@ class PrefixCache:
         weights = self._weights_of(seq)
         if weights != seq.weights_id:
             seq.weights_id, seq.block_hashes = weights, []
-        if self._is_retired(weights):
-            return []
         hits: list[int] = []
+        self.num_queried_tokens += seq.num_tokens - 1
+        if self._is_retired(weights):
+            return hits
         for i in range((seq.num_tokens - 1) // self.block_size):
             block = self.blocks.lookup(self._key(seq, i))
             if block is None:
                 break
             hits.append(block)
-        self.num_queried_tokens += seq.num_tokens - 1
         self.num_hit_tokens += len(hits) * self.block_size
         return hits
 
