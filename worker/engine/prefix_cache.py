@@ -25,8 +25,6 @@ class PrefixCache:
         self.block_size = blocks.block_size
         self._weights_of = weights_of  # resolved at each admission: weights can change between them
         self._retired: set[str] = set()  # ids of deleted or replaced weights: never keyed again
-        self.num_queried_tokens = 0  # tokens that could have hit, over admissions
-        self.num_hit_tokens = 0
 
     def lookup(self, seq: Sequence) -> list[int]:
         """Cached blocks holding the sequence's longest cached prefix (no references taken). The
@@ -35,7 +33,6 @@ class PrefixCache:
         if weights != seq.weights_id:
             seq.weights_id, seq.block_hashes = weights, []
         hits: list[int] = []
-        self.num_queried_tokens += seq.num_tokens - 1
         if self._is_retired(weights):
             return hits
         for i in range((seq.num_tokens - 1) // self.block_size):
@@ -43,7 +40,6 @@ class PrefixCache:
             if block is None:
                 break
             hits.append(block)
-        self.num_hit_tokens += len(hits) * self.block_size
         return hits
 
     def commit(self, seq: Sequence, computed_before: int) -> None:
