@@ -259,6 +259,11 @@ class LLMEngine:
         """Names of the LoRA adapters in device slots or the host tier (none when LoRA is off)."""
         return self.lora_slots.held() if self.lora_slots is not None else []
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block (e.g. a benchmark measuring a cold cache again); blocks in use
+        keep their KV but can no longer be hit. Returns how many blocks were forgotten."""
+        return self.blocks.forget(lambda tag: True) if self.prefix_cache is not None else 0
+
     @property
     def num_running(self) -> int:
         return len(self.batcher.running)
