@@ -114,12 +114,20 @@ class Batcher:
         #    When the oldest waiting request needs other weights, admit nobody: drain, then swap.
         if self.waiting and self.waiting[0].finetune != self.current_finetune:
             return self._ordered(plan)
+        #    With a prefix cache, one whose next block another sequence is computing waits to hit it.
+        in_flight = None
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             if seq.finetune != self.current_finetune:
                 continue
-            hits = self.prefix_cache.lookup(seq) if self.prefix_cache else []
+            hits = []
+            if self.prefix_cache:
+                if in_flight is None:
+                    in_flight = self.prefix_cache.in_flight(self.running)
+                hits = self.prefix_cache.lookup(seq, in_flight)
+                if hits is None:
+                    continue
             cached = len(hits) * self.blocks.block_size  # a waiting sequence has nothing computed
             n = min(seq.num_tokens - cached, budget)
             if not self.blocks.can_allocate(seq.block_table, cached + n, hits):
@@ -136,6 +144,8 @@ class Batcher:
                 seq.num_cached_tokens = cached
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            if in_flight is not None:
+                self.prefix_cache.add_in_flight(in_flight, seq)
             self._add_chunk(plan, seq, n)
             budget -= n
         return self._ordered(plan)

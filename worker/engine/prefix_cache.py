@@ -26,9 +26,11 @@ class PrefixCache:
         self._weights_of = weights_of  # resolved at each admission: weights can change between them
         self._retired: set[str] = set()  # ids of deleted or replaced weights: never keyed again
 
-    def lookup(self, seq: Sequence) -> list[int]:
+    def lookup(self, seq: Sequence, in_flight: set[bytes] = frozenset()) -> list[int] | None:
         """Cached blocks holding the sequence's longest cached prefix (no references taken). The
-        last token is never covered, so there are always logits to sample from."""
+        last token is never covered, so there are always logits to sample from. None: the next
+        block is one of `in_flight` (being computed by another sequence), so better wait a step or
+        two and hit it than compute it twice."""
         weights = self._weights_of(seq)
         if weights != seq.weights_id:
             seq.weights_id, seq.block_hashes = weights, []
@@ -36,11 +38,25 @@ class PrefixCache:
         if self._is_retired(weights):
             return hits
         for i in range((seq.num_tokens - 1) // self.block_size):
-            block = self.blocks.lookup(self._key(seq, i))
+            key = self._key(seq, i)
+            block = self.blocks.lookup(key)
             if block is None:
-                break
+                return None if key in in_flight else hits
             hits.append(block)
         return hits
+
+    def in_flight(self, seqs: list[Sequence]) -> set[bytes]:
+        """Keys of the full prompt blocks these (running) sequences have yet to compute."""
+        keys: set[bytes] = set()
+        for seq in seqs:
+            self.add_in_flight(keys, seq)
+        return keys
+
+    def add_in_flight(self, keys: set[bytes], seq: Sequence) -> None:
+        if seq.weights_id is None or self._is_retired(seq.weights_id):
+            return
+        for i in range(seq.num_computed_tokens // self.block_size, len(seq.prompt_token_ids) // self.block_size):
+            keys.add(self._key(seq, i))
 
     def commit(self, seq: Sequence, computed_before: int) -> None:
         """Key the blocks that became full between `computed_before` and `seq.num_computed_tokens`."""

@@ -120,3 +120,28 @@ def test_retired_weights_are_unreachable_and_never_keyed_again():
     b.remove(first)
     b.remove(queued)
     assert bm.num_cached == 0 and bm.num_free == 64
+
+
+def test_a_sequence_waits_for_a_prefix_another_is_computing_instead_of_computing_it_twice():
+    _, cache, b = setup(budget=1000)
+    first, twin, other = make(PREFIX + [1], 0), make(PREFIX + [2], 1), make(list(range(300, 340)), 2)
+    for s in (first, twin, other):
+        b.add(s)
+    plan = b.plan()
+    assert [c.seq for c in plan.prefills] == [first, other]  # the twin lets a newer, unrelated one go first
+    finish_step(plan, cache)
+    plan = b.plan()
+    assert twin.num_cached_tokens == 32 and [c.num_tokens for c in plan.prefills] == [41 - 32]
+
+
+def test_a_chunked_prefill_keeps_its_later_blocks_in_flight():
+    _, cache, b = setup(budget=30)
+    long, twin = make(PREFIX + [1], 0), make(PREFIX + [2], 1)
+    b.add(long)
+    b.add(twin)
+    finish_step(b.plan(), cache)  # long: 30 of 41 tokens, 1 block keyed; its 2nd block is still coming
+    plan = b.plan()  # long takes its last 11 tokens; 19 tokens of budget left, but the twin waits
+    assert twin in b.waiting and [c.seq for c in plan.chunks] == [long] and twin.num_cached_tokens is None
+    finish_step(plan, cache)
+    b.plan()
+    assert twin.num_cached_tokens == 32
