@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from tests.worker.engine.test_batcher import FakeSlots
 from worker.engine.batcher import Batcher
 from worker.engine.block_manager import BlockManager
 from worker.engine.prefix_cache import PrefixCache
 from worker.engine.sampling_params import SamplingParams
 from worker.engine.sequence import Sequence
-from tests.worker.engine.test_batcher import FakeSlots
 
 
 def weights_of(seq: Sequence):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from adapters.synthetic import write_random_lora
+from tests.worker.engine.test_engine_vs_hf import run_stepwise
 from worker.engine.config import EngineConfig
 from worker.engine.engine import LLMEngine
 from worker.engine.sampling_params import SamplingParams
@@ -135,14 +136,9 @@ def test_preempted_requests_resume_with_the_same_outputs(demo_model_dir, weights
     expected = [r.token_ids for r in off.generate(prompts, params)]
     # 16 blocks x 16 = 256 slots for 5 sequences growing to 66 tokens (5 blocks each): must preempt.
     tight = demo_engine(demo_model_dir, weights, caching=True, num_blocks=16)
-    ids = [tight.add_request(p, params) for p in prompts]
-    seqs = [tight._seqs[i] for i in ids]
-    outputs = {i: [] for i in ids}
-    while tight.has_unfinished():
-        for out in tight.step():
-            outputs[out.request_id] += out.new_token_ids
+    seqs, outputs = run_stepwise(tight, prompts, params)
     assert sum(s.num_preemptions for s in seqs) > 0, "the cache was not small enough to force preemption"
-    assert [outputs[i] for i in ids] == expected
+    assert outputs == expected
     assert any(s.num_cached_tokens for s in seqs)
     assert tight.blocks.num_free == 16 and sum(tight.blocks.ref_counts) == 0
 
