@@ -90,6 +90,7 @@ def test_shared_prefix_workload_and_ttft_sample(bench):
     warm, sample = bench.ttft_sample(system_of, size=4)
     assert len(sample) == 4 and all(system_of[i] in {system_of[w] for w in warm if w < i} for i in sample)
     assert all(system_of[w] not in {system_of[j] for j in range(w)} for w in warm)
+    assert bench.ttft_sample(["a", "b", "a", ("a", "x"), "b", ("a", "x")], size=3) == ([0, 1, 3], [2, 4, 5])
 
 
 def test_shared_prefix_mode_runs_all_three_sides(bench, tmp_path):
