@@ -11,6 +11,15 @@ ratio engine / transformers of generated tokens per second.
     python scripts/bench_engine.py                          # 64 requests, prompts 16..512, tokens 16..256
     python scripts/bench_engine.py --skip-hf --json bench-engine.json
     python scripts/bench_engine.py --random-model llama3-8b # GPU: Llama-3-8B shape, random bf16 weights
+    python scripts/bench_engine.py --no-prefix-caching      # the engine with prefix caching off
+    python scripts/bench_engine.py --shared-prefix [--quick] # prefix caching on vs off vs transformers
+
+`--shared-prefix` is its own workload: 128 requests over 4 system prompts of 600-1,200 tokens, each
+with its own 16-64 token suffix and 16-64 output tokens, on the base and 4 adapters; the engine with
+prefix caching, the same engine with it off, and transformers + PEFT static batches run it in turn
+(throughput, the ratio cache/off, the hit rate), then a sample of the same prompts is sent one at a
+time to each engine (median TTFT, cache against off; the caching engine has seen each system prompt
+once before the sample, but not the sampled prompts themselves).
 
 The default model is the demo model (`hotswap models fetch-demo`). `--random-model` writes a
 random-init model to a temp dir first (no tokenizer needed: prompts are token ids), or to
@@ -222,7 +231,7 @@ def drive_engine(engine, workload: Workload) -> dict:
     ids = [engine.add_request(p, SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True), adapter=a)
            for p, m, a in zip(workload.prompts, workload.max_tokens, adapters)]
     index = {rid: i for i, rid in enumerate(ids)}
-    counts, ttft = [0] * len(ids), [0.0] * len(ids)
+    counts, ttft, cached = [0] * len(ids), [0.0] * len(ids), [0] * len(ids)
     step_s, decode_s, decode_ctx, decode_batch = [], [], [], []
     while engine.has_unfinished():
         decode_only, ctx, batch = peek_step(engine)
@@ -239,23 +248,25 @@ def drive_engine(engine, workload: Workload) -> dict:
             if counts[i] == 0:
                 ttft[i] = t1 - start
             counts[i] += len(out.new_token_ids)
+            cached[i] = out.num_cached_tokens
     synchronize(device)
     wall = time.perf_counter() - start
     if counts != workload.max_tokens:
         raise RuntimeError("the engine did not generate exactly max_tokens for every request")
     return {"wall": wall, "counts": counts, "ttft": ttft, "step_s": step_s, "decode_s": decode_s,
-            "decode_ctx": decode_ctx, "decode_batch": decode_batch}
+            "decode_ctx": decode_ctx, "decode_batch": decode_batch, "cached": cached}
 
 
 def make_engine(model_dir: Path, max_in_flight: int, device: torch.device, dtype: torch.dtype,
-                adapters: list[tuple[str, Path]] = ()):
+                adapters: list[tuple[str, Path]] = (), prefix_caching: bool = True):
     from worker.engine.config import EngineConfig
     from worker.engine.engine import LLMEngine
     from worker.engine.sampling_params import SamplingParams
 
     engine = LLMEngine(EngineConfig(model=model_dir, device=str(device), dtype=dtype_name(dtype),
                                     max_num_seqs=max_in_flight, max_num_batched_tokens=1024,
-                                    max_loras=len(adapters), max_lora_rank=32))
+                                    max_loras=len(adapters), max_lora_rank=32,
+                                    enable_prefix_caching=prefix_caching))
     for name, path in adapters:
         engine.register_adapter(name, path)
     warm = [None, adapters[0][0]] if adapters else [None, None]
@@ -266,12 +277,13 @@ def make_engine(model_dir: Path, max_in_flight: int, device: torch.device, dtype
 
 def run_engine(model_dir: Path, workload: Workload, max_in_flight: int, device: torch.device,
                dtype: torch.dtype, adapters: list[tuple[str, Path]] = (), engine=None,
-               bandwidth: float | None = None, spec_bandwidth: float | None = None) -> dict:
+               bandwidth: float | None = None, spec_bandwidth: float | None = None,
+               prefix_caching: bool = True) -> dict:
     """One workload through the engine; pass `engine` to reuse a loaded one (it is then kept). With a
     `bandwidth` (bytes/s) the report has the decode bandwidth floor (and with `spec_bandwidth` a second one)."""
     t_load = time.perf_counter()
     own = engine is None
-    engine = engine or make_engine(model_dir, max_in_flight, device, dtype, adapters)
+    engine = engine or make_engine(model_dir, max_in_flight, device, dtype, adapters, prefix_caching)
     load_s = time.perf_counter() - t_load
     usage = cpu_usage()
     run = drive_engine(engine, workload)
@@ -290,6 +302,9 @@ def run_engine(model_dir: Path, workload: Workload, max_in_flight: int, device: 
         "mean_ttft_s": statistics.fmean(run["ttft"]),
         "max_ttft_s": max(run["ttft"]),
         "kv_blocks": engine.blocks.num_blocks,
+        "prefix_caching": engine.prefix_cache is not None,
+        "cached_prompt_tokens": sum(run["cached"]),  # prompt tokens whose KV came from the prefix cache
+        "prompt_tokens": sum(map(len, workload.prompts)),
         "other_cpu_share": others,
         # Only meaningful on a GPU (a CPU step is compute-bound): None unless a bandwidth is given.
         "decode_floor": (decode_bandwidth_floor(engine, run, bandwidth, spec_bandwidth)
@@ -357,6 +372,190 @@ def decode_bandwidth_floor(engine, run: dict, bandwidth: float, spec_bandwidth: 
         **floor(run["decode_s"], run["decode_ctx"]),
         "full_batch": {"batch": full, **floor([s for s, _ in at_full], [c for _, c in at_full])},
     }
+
+
+# -- --shared-prefix: prefix caching on vs off ----------------------------------------------------
+
+# Workload sizes of --shared-prefix (full, and with --quick): requests, system prompts and their
+# lengths, per-request suffix and output lengths, adapters besides the base.
+SHARED_PREFIX = dict(num_requests=128, num_system_prompts=4, min_system=600, max_system=1200, min_prompt=16,
+                     max_prompt=64, min_tokens=16, max_tokens=64, adapters=4)
+# --quick: 2 system prompts x (base + 2 adapters) = 6 prefixes to share among 24 requests (the full
+# run has 4 x 5 = 20 among 128: the cache never shares across weights).
+SHARED_PREFIX_QUICK = dict(SHARED_PREFIX, num_requests=24, num_system_prompts=2, min_system=128, max_system=256,
+                           min_prompt=8, max_prompt=24, min_tokens=4, max_tokens=12, adapters=2)
+SHARED_PREFIX_GOALS = {"cache_vs_off": 3.0, "ttft_ratio": 5.0}  # throughput x, median TTFT x lower
+TTFT_SAMPLE = 8
+
+
+def make_shared_prefix_workload(vocab_size: int, num_requests: int, num_system: int, system_range: tuple[int, int],
+                                suffix_range: tuple[int, int], token_range: tuple[int, int],
+                                seed: int) -> tuple[Workload, list[int]]:
+    """Seeded requests, each one of `num_system` system prompts (uniformly) plus its own suffix; returns
+    the workload and, per request, the index of its system prompt."""
+    rng = random.Random(seed)
+    systems = [[rng.randrange(_MIN_TOKEN_ID, vocab_size) for _ in range(rng.randint(*system_range))]
+               for _ in range(num_system)]
+    prompts, max_tokens, system_of = [], [], []
+    for _ in range(num_requests):
+        k = rng.randrange(num_system)
+        suffix = [rng.randrange(_MIN_TOKEN_ID, vocab_size) for _ in range(rng.randint(*suffix_range))]
+        prompts.append(systems[k] + suffix)
+        max_tokens.append(rng.randint(*token_range))
+        system_of.append(k)
+    return Workload(prompts, max_tokens), system_of
+
+
+def ttft_sample(prefix_of: list, size: int = TTFT_SAMPLE) -> tuple[list[int], list[int]]:
+    """Requests to send one at a time: (warm-ups, sample). `prefix_of`: per request, what it can share
+    (its system prompt and adapter: the cache never shares across weights). The sample is the first
+    `size` requests whose prefix an earlier request had; the warm-ups, the earlier ones that had it first."""
+    seen, warm, sample = set(), [], []
+    for i, k in enumerate(prefix_of):
+        if len(sample) == size:
+            break
+        if k in seen:
+            sample.append(i)
+        else:
+            seen.add(k)
+            warm.append(i)
+    return warm, sample
+
+
+def sequential_ttft(engine, workload: Workload, warm: list[int], sample: list[int]) -> list[float]:
+    """Send the requests one at a time in arrival order (warm-ups first where they came first); the
+    time to first token of each sampled one, each alone in the engine."""
+    from worker.engine.sampling_params import SamplingParams
+
+    adapters = workload.adapters or [None] * len(workload.prompts)
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    ttft = []
+    for i in sorted(warm + sample):
+        synchronize(engine.device)
+        start = time.perf_counter()
+        rid = engine.add_request(workload.prompts[i], params, adapter=adapters[i])
+        while engine.has_unfinished():
+            if any(out.request_id == rid for out in engine.step()):
+                break
+        synchronize(engine.device)
+        if i in sample:
+            ttft.append(time.perf_counter() - start)
+    return ttft
+
+
+def warm_adapters(engine, adapters: list[tuple[str, Path]]) -> None:
+    """One tiny request per adapter, so no measured request pays an adapter's first load."""
+    from worker.engine.sampling_params import SamplingParams
+
+    engine.generate([_WARMUP_PROMPTS[0]] * len(adapters), SamplingParams(max_tokens=1, temperature=0.0),
+                    adapters=[name for name, _ in adapters])
+
+
+def benchmark_shared_prefix(args: argparse.Namespace, model_dir: Path) -> dict:
+    """The engine with prefix caching, the same engine without, and transformers, on one shared-prefix
+    workload; then the TTFT of a sample sent one at a time to each engine."""
+    from adapters.synthetic import adapter_zoo
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    vocab_size = model_vocab_size(model_dir)
+    workload, system_of = make_shared_prefix_workload(
+        vocab_size, args.num_requests, args.num_system_prompts, (args.min_system, args.max_system),
+        (args.min_prompt, args.max_prompt), (args.min_tokens, args.max_tokens), args.seed)
+    base_config = json.loads((model_dir / "config.json").read_text())
+    adapters = adapter_zoo(Path(args.adapter_dir), base_config, args.adapters, seed=args.seed) if args.adapters else []
+    if adapters:
+        workload = assign_adapters(workload, [n for n, _ in adapters], args.seed)
+    hf = None if args.skip_hf else run_hf(model_dir, workload, args.max_in_flight, device, dtype, adapters)
+    warm, sample = ttft_sample(list(zip(system_of, workload.adapters or [None] * len(system_of))))
+    sides = {}
+    for caching in (True, False):
+        t_load = time.perf_counter()
+        engine = make_engine(model_dir, args.max_in_flight, device, dtype, adapters, prefix_caching=caching)
+        warm_adapters(engine, adapters)
+        load_s = time.perf_counter() - t_load
+        run = run_engine(model_dir, workload, args.max_in_flight, device, dtype, engine=engine)
+        run["load_s"] = load_s
+        run["hit_rate"] = run["cached_prompt_tokens"] / run["prompt_tokens"]
+        run["prefix_evictions"] = engine.blocks.num_evictions
+        engine.reset_prefix_cache()  # the sample starts cold: only what the warm-ups leave behind is cached
+        run["sequential_ttft_s"] = sequential_ttft(engine, workload, warm, sample)
+        run["median_sequential_ttft_s"] = statistics.median(run["sequential_ttft_s"])
+        sides[caching] = run
+        del engine
+        release_memory(device)
+    cache, off = sides[True], sides[False]
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config.update(model_dir=str(model_dir), model_name=args.random_model or model_dir.name, vocab_size=vocab_size,
+                  device=str(device), dtype=dtype_name(dtype), torch_threads=torch.get_num_threads(),
+                  cpu_count=os.cpu_count(), prompt_tokens=sum(map(len, workload.prompts)),
+                  generated_tokens=workload.generated_tokens, ttft_warmups=len(warm), ttft_sample=len(sample))
+    cache_vs_off = cache["tokens_per_s"] / off["tokens_per_s"]
+    ttft_ratio = off["median_sequential_ttft_s"] / cache["median_sequential_ttft_s"]
+    return {
+        "config": config, "transformers": hf, "engine": cache, "engine_no_cache": off,
+        "ratio": cache["tokens_per_s"] / hf["tokens_per_s"] if hf else None,
+        "no_cache_ratio": off["tokens_per_s"] / hf["tokens_per_s"] if hf else None,
+        "cache_vs_off": cache_vs_off, "hit_rate": cache["hit_rate"], "ttft_ratio": ttft_ratio,
+        "goals": {name: {"goal": goal, "value": value, "met": value >= goal}
+                  for (name, goal), value in zip(SHARED_PREFIX_GOALS.items(), (cache_vs_off, ttft_ratio))},
+        "requests_per_adapter": {str(a): (workload.adapters or []).count(a) for a in [*dict(adapters), None]},
+    }
+
+
+def render_shared_prefix_table(report: dict):
+    from rich.table import Table
+
+    cfg, hf, cache, off = report["config"], report["transformers"] or {}, report["engine"], report["engine_no_cache"]
+    table = Table(title=f"{cfg['model_name']} on {cfg['device']} ({cfg['dtype']}), shared prefixes: {cfg['num_requests']} "
+                        f"requests over {cfg['num_system_prompts']} system prompts of {cfg['min_system']}.."
+                        f"{cfg['max_system']} tokens, suffixes {cfg['min_prompt']}..{cfg['max_prompt']}, max_tokens "
+                        f"{cfg['min_tokens']}..{cfg['max_tokens']}, {cfg['adapters']} adapters + base, seed {cfg['seed']}")
+    table.add_column("")
+    table.add_column(f"transformers + PEFT\n(static batches of {cfg['max_in_flight']})", justify="right")
+    table.add_column(f"engine, no prefix cache\n(<= {cfg['max_in_flight']} in flight)", justify="right")
+    table.add_column(f"engine, prefix cache\n(<= {cfg['max_in_flight']} in flight)", justify="right")
+    computed = [_fmt(e["prompt_tokens"] - e["cached_prompt_tokens"], "d") for e in (off, cache)]
+    rows = [
+        ("wall time (s)", _fmt(hf.get("wall_s")), _fmt(off["wall_s"]), _fmt(cache["wall_s"])),
+        ("generated tokens/s", _fmt(hf.get("tokens_per_s"), ".1f"), _fmt(off["tokens_per_s"], ".1f"),
+         _fmt(cache["tokens_per_s"], ".1f")),
+        ("prompt tokens computed", _fmt(cfg["prompt_tokens"], "d") if hf else "-", *computed),
+        ("prefix cache hit rate (prompt tokens)", "-", "-", f"{cache['hit_rate']:.1%}"),
+        ("steps", "-", _fmt(off["steps"], "d"), _fmt(cache["steps"], "d")),
+        ("mean / max TTFT, all at once (s)", "-", f"{off['mean_ttft_s']:.2f} / {off['max_ttft_s']:.2f}",
+         f"{cache['mean_ttft_s']:.2f} / {cache['max_ttft_s']:.2f}"),
+        (f"median TTFT, {cfg['ttft_sample']} sent one at a time (s)", "-",
+         _fmt(off["median_sequential_ttft_s"], ".3f"), _fmt(cache["median_sequential_ttft_s"], ".3f")),
+        ("model load (s)", _fmt(hf.get("load_s")), _fmt(off["load_s"]), _fmt(cache["load_s"])),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    table.add_section()
+    table.add_row("[bold]prefix cache / no cache tok/s[/bold]", "", "", f"[bold]{report['cache_vs_off']:.2f}x[/bold]")
+    table.add_row("[bold]median TTFT, no cache / prefix cache[/bold]", "", "", f"[bold]{report['ttft_ratio']:.2f}x[/bold]")
+    if report["ratio"] is not None:
+        table.add_row("engine / transformers tok/s", "", f"{report['no_cache_ratio']:.2f}x", f"{report['ratio']:.2f}x")
+    return table
+
+
+def print_shared_prefix_report(report: dict) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.print(render_shared_prefix_table(report))
+    labels = {"cache_vs_off": "throughput, prefix cache vs off", "ttft_ratio": "median TTFT, lower by"}
+    for name, goal in report["goals"].items():
+        verdict = "[green]met[/green]" if goal["met"] else "[red]not met[/red]"
+        console.print(f"goal {labels[name]} >= {goal['goal']:.0f}x: {goal['value']:.2f}x {verdict}"
+                      + (" (the goals are for the full workload: --quick prompts are short)" if report["config"]["quick"]
+                         else ""))
+    shares = [(name, report[key]["other_cpu_share"]) for name, key in (("transformers", "transformers"),
+              ("engine, cache", "engine"), ("engine, no cache", "engine_no_cache"))
+              if report[key] is not None and report[key]["other_cpu_share"] is not None]
+    if any(share > 0.1 for _, share in shares):
+        console.print("[yellow]note: other processes took " + ", ".join(f"{s:.0%} during the {n} run" for n, s in shares)
+                      + f" (of {os.cpu_count()} CPUs): timings are skewed[/yellow]")
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -477,8 +676,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="N random LoRA adapters (ranks 8/16/32, mixed targets); each request goes to one of them or "
                         "the base, uniformly; transformers side uses PEFT mixed batches, and the engine also runs "
                         "the same requests base-only for the mixed/base ratio")
+    p.add_argument("--no-prefix-caching", action="store_true", help="run the engine with prefix caching off")
+    p.add_argument("--shared-prefix", action="store_true",
+                   help="the shared-prefix workload (see above; --num-requests, --min/--max-prompt for the suffixes, "
+                        "--min/--max-tokens, --adapters override its sizes): prefix caching on vs off vs transformers")
+    p.add_argument("--num-system-prompts", type=int, default=None, help="--shared-prefix: system prompts (4)")
+    p.add_argument("--min-system", type=int, default=None, help="--shared-prefix: shortest system prompt (600)")
+    p.add_argument("--max-system", type=int, default=None, help="--shared-prefix: longest system prompt (1200)")
     args = p.parse_args(argv)
-    if args.quick:
+    if args.shared_prefix:  # its own sizes, where not given on the command line
+        for name, value in (SHARED_PREFIX_QUICK if args.quick else SHARED_PREFIX).items():
+            if getattr(args, name) in (None, p.get_default(name)):
+                setattr(args, name, value)
+        if not 0 < args.min_system <= args.max_system or args.num_system_prompts < 1:
+            p.error("need 0 < --min-system <= --max-system and --num-system-prompts >= 1")
+    elif args.quick:
         args.num_requests, args.min_prompt, args.max_prompt, args.min_tokens, args.max_tokens = 16, 16, 128, 16, 64
     if not (0 < args.min_prompt <= args.max_prompt and 0 < args.min_tokens <= args.max_tokens):
         p.error("need 0 < min <= max for prompt lengths and max_tokens")
@@ -508,7 +720,7 @@ def benchmark(args: argparse.Namespace, model_dir: Path) -> dict:
     if adapters:
         # Mixed traffic and the same requests all on the base model, through one engine (LoRA enabled).
         t_load = time.perf_counter()
-        engine = make_engine(model_dir, args.max_in_flight, device, dtype, adapters)
+        engine = make_engine(model_dir, args.max_in_flight, device, dtype, adapters, not args.no_prefix_caching)
         load_s = time.perf_counter() - t_load
         eng = run_engine(model_dir, workload, args.max_in_flight, device, dtype, engine=engine,
                          bandwidth=bandwidth, spec_bandwidth=spec)
@@ -519,7 +731,7 @@ def benchmark(args: argparse.Namespace, model_dir: Path) -> dict:
         release_memory(device)
     else:
         eng = run_engine(model_dir, workload, args.max_in_flight, device, dtype, bandwidth=bandwidth,
-                         spec_bandwidth=spec)
+                         spec_bandwidth=spec, prefix_caching=not args.no_prefix_caching)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config.update(model_dir=str(model_dir), model_name=args.random_model or model_dir.name, vocab_size=vocab_size,
                   device=str(device), dtype=dtype_name(dtype), torch_threads=torch.get_num_threads(),
@@ -564,8 +776,8 @@ def main(argv: list[str] | None = None) -> dict:
 
             model_dir = fetch_demo_model(log=lambda m: print(m, file=sys.stderr))
         args.adapter_dir = Path(tmp) / "adapters"
-        report = benchmark(args, Path(model_dir))
-    print_report(report)
+        report = (benchmark_shared_prefix if args.shared_prefix else benchmark)(args, Path(model_dir))
+    (print_shared_prefix_report if args.shared_prefix else print_report)(report)
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -65,3 +65,37 @@ def test_adapters_mode_runs_peft_and_both_engine_sides(bench, tmp_path):
     assert saved["mixed_vs_base"] > 0
     assert sum(saved["requests_per_adapter"].values()) == 4
     assert report["config"]["adapters"] == 3
+
+
+def test_shared_prefix_workload_and_ttft_sample(bench):
+    workload, system_of = bench.make_shared_prefix_workload(1000, 12, 3, (20, 30), (4, 8), (2, 4), seed=5)
+    assert (workload, system_of) == bench.make_shared_prefix_workload(1000, 12, 3, (20, 30), (4, 8), (2, 4), seed=5)
+    assert all(24 <= len(p) <= 38 for p in workload.prompts)
+    same = [p for p, k in zip(workload.prompts, system_of) if k == system_of[0]]
+    assert len({tuple(p[:20]) for p in same}) == 1  # one system prompt, whatever the suffix
+    warm, sample = bench.ttft_sample(system_of, size=4)
+    assert len(sample) == 4 and all(system_of[i] in {system_of[w] for w in warm if w < i} for i in sample)
+    assert all(system_of[w] not in {system_of[j] for j in range(w)} for w in warm)
+    assert bench.ttft_sample(["a", "b", "a", ("a", "x"), "b", ("a", "x")], size=3) == ([0, 1, 3], [2, 4, 5])
+
+
+def test_shared_prefix_mode_runs_all_three_sides(bench, tmp_path):
+    out = tmp_path / "shared.json"
+    bench.main(["--shared-prefix", "--random-model", "llama3-tiny", "--device", "cpu", "--num-requests", "10",
+                "--num-system-prompts", "2", "--min-system", "40", "--max-system", "60", "--min-prompt", "4",
+                "--max-prompt", "8", "--min-tokens", "2", "--max-tokens", "4", "--adapters", "1", "--max-in-flight", "2",
+                "--json", str(out)])  # 2 in flight: later requests are admitted after their prefix is cached
+    report = json.loads(out.read_text())
+    total = report["config"]["generated_tokens"]
+    cache, off = report["engine"], report["engine_no_cache"]
+    assert cache["generated_tokens"] == off["generated_tokens"] == report["transformers"]["generated_tokens"] == total
+    assert cache["prefix_caching"] and not off["prefix_caching"]
+    assert off["cached_prompt_tokens"] == 0 < cache["cached_prompt_tokens"] and 0 < report["hit_rate"] < 1
+    assert len(cache["sequential_ttft_s"]) == len(off["sequential_ttft_s"]) == report["config"]["ttft_sample"] > 0
+    assert report["cache_vs_off"] > 0 and report["ttft_ratio"] > 0 and set(report["goals"]) == {"cache_vs_off", "ttft_ratio"}
+    assert sum(report["requests_per_adapter"].values()) == 10
+
+
+def test_no_prefix_caching_flag_reaches_the_engine(bench, tmp_path):
+    report = bench.main(["--random-model", "llama3-tiny", "--skip-hf", "--no-prefix-caching", *TINY])
+    assert report["engine"]["prefix_caching"] is False and report["engine"]["cached_prompt_tokens"] == 0

@@ -5,6 +5,9 @@ decoding gets one token; what is left of the token budget goes to prompt chunks 
 prefill), running ones first, then waiting ones in arrival order. When the KV cache is full, the
 newest running sequence is preempted: its blocks are freed and it recomputes later (no request is
 lost, and greedy output is unchanged because recompute rebuilds the same KV).
+
+With a prefix cache, a sequence being admitted (new, or resuming after preemption) starts after its
+longest cached prefix: those blocks are shared, and the token budget counts only what is computed.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from worker.engine.block_manager import BlockManager
+from worker.engine.prefix_cache import PrefixCache
 from worker.engine.sequence import Sequence, SequenceStatus
 
 
@@ -53,8 +57,9 @@ class AdapterSlots(Protocol):
 
 class Batcher:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 lora_slots: AdapterSlots | None = None):
+                 lora_slots: AdapterSlots | None = None, prefix_cache: PrefixCache | None = None):
         self.blocks = blocks
+        self.prefix_cache = prefix_cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.lora_slots = lora_slots
@@ -109,13 +114,23 @@ class Batcher:
         #    When the oldest waiting request needs other weights, admit nobody: drain, then swap.
         if self.waiting and self.waiting[0].finetune != self.current_finetune:
             return self._ordered(plan)
+        #    With a prefix cache, one whose next block another sequence is computing waits to hit it.
+        in_flight = None
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             if seq.finetune != self.current_finetune:
                 continue
-            n = min(seq.num_uncomputed, budget)
-            if not self.blocks.can_allocate(seq.block_table, seq.num_computed_tokens + n):
+            hits = []
+            if self.prefix_cache:
+                if in_flight is None:
+                    in_flight = self.prefix_cache.in_flight(self.running)
+                hits = self.prefix_cache.lookup(seq, in_flight)
+                if hits is None:
+                    continue
+            cached = len(hits) * self.blocks.block_size  # a waiting sequence has nothing computed
+            n = min(seq.num_tokens - cached, budget)
+            if not self.blocks.can_allocate(seq.block_table, cached + n, hits):
                 break
             if seq.adapter is not None:
                 slot = self.lora_slots.acquire(seq.adapter) if self.lora_slots else None
@@ -123,9 +138,14 @@ class Batcher:
                     continue  # every slot busy with running adapters: wait for one to free up
                 seq.lora_slot = slot
             self.waiting.remove(seq)
-            self.blocks.allocate(seq.block_table, seq.num_computed_tokens + n)
+            self.blocks.allocate(seq.block_table, cached + n, hits)
+            seq.num_computed_tokens = cached
+            if seq.num_cached_tokens is None:  # first admission: what the request saved
+                seq.num_cached_tokens = cached
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            if in_flight is not None:
+                self.prefix_cache.add_in_flight(in_flight, seq)
             self._add_chunk(plan, seq, n)
             budget -= n
         return self._ordered(plan)

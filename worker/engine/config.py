@@ -24,6 +24,7 @@ class EngineConfig:
     max_lora_rank: int = 64  # adapters of higher rank are refused; a multiple of 16
     max_cpu_loras: int | None = None  # adapters kept in (pinned) host memory (default 4 x max_loras)
     max_cpu_finetunes: int = 2  # full fine-tunes kept in host memory besides the base
+    enable_prefix_caching: bool = True  # reuse full KV blocks of equal prefixes under equal weights
 
     def __post_init__(self):
         if self.block_size < 8 or self.block_size & (self.block_size - 1):

@@ -28,6 +28,7 @@ from worker.engine.config import EngineConfig
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.errors import AdapterError, RequestRejected
 from worker.engine.model_runner import ModelRunner
+from worker.engine.prefix_cache import PrefixCache, WeightsId
 from worker.engine.sampler import sample
 from worker.engine.sampling_params import SamplingParams
 from worker.engine.sequence import Sequence, SequenceStatus
@@ -52,6 +53,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     logits: torch.Tensor | None = None  # [vocab] float32, only with SamplingParams.return_logits
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache at first admission
 
 
 @dataclass
@@ -62,6 +64,7 @@ class GenerationResult:
     text: str
     finish_reason: str
     logits: list[torch.Tensor] = field(default_factory=list)  # per generated token, if asked for
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 class LLMEngine:
@@ -87,7 +90,13 @@ class LLMEngine:
         self._swapper: FullModelSwapper | None = None  # made on the first full fine-tune
         num_blocks = config.num_blocks or self._auto_num_blocks()
         self.blocks = BlockManager(num_blocks, config.block_size)
-        self.batcher = Batcher(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, self.lora_slots)
+        # Weights identity for prefix caching: every register_* gives its name a new generation, so
+        # blocks computed under replaced weights never match a request for the new ones.
+        self._generations = itertools.count(1)
+        self._weights_gen: dict[tuple[str, str], int] = {}  # ("lora" | "ft", name) -> generation
+        self.prefix_cache = PrefixCache(self.blocks, self._weights_of) if config.enable_prefix_caching else None
+        self.batcher = Batcher(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, self.lora_slots,
+                               self.prefix_cache)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, lora_runtime)
         model_len = config.max_model_len or min(self.model_config.max_position, _MAX_DEFAULT_MODEL_LEN)
         # A request must fit the cache on its own, or preemption could never make room for it.
@@ -130,11 +139,14 @@ class LLMEngine:
         self._adapters[name] = (Path(path), info)
         self._retired.discard(name)
         self.lora_slots.forget(name)
+        self._new_generation("lora", name)
 
     def unregister_adapter(self, name: str) -> None:
         """New requests can no longer use `name`; requests already queued for it still finish."""
         if name in self._adapters:
             self._retired.add(name)
+            if self.prefix_cache is not None:  # deleted weights: their blocks are unreachable from now on
+                self.prefix_cache.retire(self._adapter_id(name))
 
     def _read_adapter(self, name: str) -> StackedAdapter:
         from adapters.format import load_lora_tensors
@@ -150,6 +162,23 @@ class LLMEngine:
         if self._swapper is None:
             self._swapper = FullModelSwapper(self.model, self.config.max_cpu_finetunes)
         self._swapper.register(name, path)
+        self._new_generation("ft", name)
+
+    def _new_generation(self, kind: str, name: str) -> None:
+        old = self._weights_gen.get((kind, name))
+        self._weights_gen[(kind, name)] = next(self._generations)
+        if old is not None and self.prefix_cache is not None:  # replaced weights: drop their blocks
+            self.prefix_cache.retire(f"{kind}:{name}#{old}")
+
+    def _full_id(self, finetune: str | None) -> str:
+        return "base" if finetune is None else f"ft:{finetune}#{self._weights_gen[('ft', finetune)]}"
+
+    def _adapter_id(self, adapter: str) -> str:
+        return f"lora:{adapter}#{self._weights_gen[('lora', adapter)]}"
+
+    def _weights_of(self, seq: Sequence) -> WeightsId:
+        """The identity of the weights a sequence runs on now: full weights and adapter, versioned."""
+        return self._full_id(seq.finetune), None if seq.adapter is None else self._adapter_id(seq.adapter)
 
     @property
     def adapters(self) -> list[str]:
@@ -230,6 +259,11 @@ class LLMEngine:
         """Names of the LoRA adapters in device slots or the host tier (none when LoRA is off)."""
         return self.lora_slots.held() if self.lora_slots is not None else []
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block (e.g. a benchmark measuring a cold cache again); blocks in use
+        keep their KV but can no longer be hit. Returns how many blocks were forgotten."""
+        return self.blocks.forget(lambda tag: True) if self.prefix_cache is not None else 0
+
     @property
     def num_running(self) -> int:
         return len(self.batcher.running)
@@ -246,13 +280,18 @@ class LLMEngine:
             self._swapper.swap_to(target)
             self.model.prepack()
             self.batcher.swapped_to(target)
+            if self.prefix_cache is not None:  # the cache survives the swap; the old weights' blocks go first
+                self.prefix_cache.demote_except(self._full_id(target))
         plan = self.batcher.plan()
         if not plan:
             return []
         logits = self.runner.run(plan, self.blocks)  # [num_sampling, vocab]
         sampling = [c for c in plan.chunks if c.samples]
         for chunk in plan.chunks:
+            computed_before = chunk.seq.num_computed_tokens
             chunk.seq.num_computed_tokens += chunk.num_tokens
+            if self.prefix_cache is not None:
+                self.prefix_cache.commit(chunk.seq, computed_before)
         if not sampling:
             return []
         tokens = sample(logits, [c.seq for c in sampling])
@@ -282,6 +321,7 @@ class LLMEngine:
             num_prompt_tokens=len(seq.prompt_token_ids),
             num_output_tokens=len(seq.output_token_ids),
             logits=logits.clone() if params.return_logits else None,
+            num_cached_tokens=seq.num_cached_tokens or 0,
         )
 
     def _finish(self, seq: Sequence, reason: str) -> None:
@@ -331,6 +371,7 @@ class LLMEngine:
                 res.text += out.text
                 if out.logits is not None:
                     res.logits.append(out.logits)
+                res.num_cached_tokens = out.num_cached_tokens
                 if out.finished:
                     res.finish_reason = out.finish_reason
         return [results[rid] for rid in ids]

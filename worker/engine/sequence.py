@@ -32,6 +32,12 @@ class Sequence:
     adapter: str | None = None  # LoRA adapter name, None = the base model
     finetune: str | None = None  # full fine-tune whose weights this request needs, None = base
     lora_slot: int = -1  # GPU slot of the adapter while running, -1 = none
+    # Prefix caching (prefix_cache.py): the weights identity the keys were made under, the keys of
+    # the sequence's full blocks so far, and how many prompt tokens came from the cache when the
+    # request was first admitted (None until then).
+    weights_id: tuple[str, str | None] | None = None
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_cached_tokens: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -40,6 +46,13 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without joining the two lists."""
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        return self.prompt_token_ids[start:n] + self.output_token_ids[max(start - n, 0):end - n]
 
     def token_at(self, position: int) -> int:
         n = len(self.prompt_token_ids)

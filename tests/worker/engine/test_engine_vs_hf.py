@@ -112,14 +112,18 @@ def test_preemption_under_a_small_cache_keeps_outputs(engine, demo_model_dir, de
     # 24 blocks x 16 = 384 token slots for 9 sequences of ~30-60 tokens growing by 40: must preempt.
     tight = LLMEngine(EngineConfig(model=demo_model_dir, device="cpu", dtype="float32", num_blocks=24,
                                    max_num_seqs=16, max_num_batched_tokens=256))
-    preemptions = 0
-    ids = [tight.add_request(p, params) for p in prompts]
-    seqs = [tight._seqs[i] for i in ids]
-    outputs = {i: [] for i in ids}
-    while tight.has_unfinished():
-        for out in tight.step():
-            outputs[out.request_id] += out.new_token_ids
-    preemptions = sum(s.num_preemptions for s in seqs)
-    assert preemptions > 0, "the cache was not small enough to force preemption"
-    assert [outputs[i] for i in ids] == expected
+    seqs, outputs = run_stepwise(tight, prompts, params)
+    assert sum(s.num_preemptions for s in seqs) > 0, "the cache was not small enough to force preemption"
+    assert outputs == expected
     assert tight.blocks.num_free == 24  # every block came back
+
+
+def run_stepwise(engine: LLMEngine, prompts, params) -> tuple[list, list[list[int]]]:
+    """Add every prompt, step until all finish; the sequences (for their counters) and each one's tokens."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    seqs = [engine._seqs[i] for i in ids]
+    outputs = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs[out.request_id] += out.new_token_ids
+    return seqs, [outputs[i] for i in ids]
