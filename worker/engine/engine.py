@@ -161,7 +161,14 @@ class LLMEngine:
         """Make a full fine-tune (same architecture and dims as the base) servable as `name`."""
         if self._swapper is None:
             self._swapper = FullModelSwapper(self.model, self.config.max_cpu_finetunes)
+        resident = name == self._swapper.current
+        if resident and self.batcher.running:
+            raise AdapterError(f"full fine-tune {name!r} is in use by running requests: register new weights "
+                               "under a new name")
         self._swapper.register(name, path)
+        if resident:  # the model holds the replaced weights: put the base back, the next use loads the new ones
+            self._swapper.swap_to(None)
+            self.batcher.swapped_to(None)
         self._new_generation("ft", name)
 
     def _new_generation(self, kind: str, name: str) -> None:

@@ -111,6 +111,23 @@ def test_one_prompt_under_base_adapters_and_finetune_never_shares(on, off):
     assert [r.num_cached_tokens for r in again] == [32] * 4
 
 
+def test_finetune_reregistered_while_resident_runs_its_new_weights(demo_model_dir, weights, tmp_path):
+    """Re-registering the resident full fine-tune with other weights: the next request runs on the
+    new weights (not the copy still in the model) and never hits the old weights' blocks."""
+    prompt = tokens(4, 40)
+    params = SamplingParams(max_tokens=4, **GREEDY)
+    v2 = perturbed_finetune(demo_model_dir, tmp_path / "ft-v2", seed=7)
+    engine = demo_engine(demo_model_dir, weights, caching=True)
+    v1_answer = engine.generate([prompt], params, finetunes=["ft"])[0].token_ids  # "ft" is resident now
+    engine.register_finetune("ft", v2)
+    got = engine.generate([prompt], params, finetunes=["ft"])[0]
+    fresh = LLMEngine(EngineConfig(model=demo_model_dir, device="cpu", dtype="float32", num_blocks=96,
+                                   enable_prefix_caching=False))
+    fresh.register_finetune("ft", v2)
+    want = fresh.generate([prompt], params, finetunes=["ft"])[0].token_ids
+    assert got.num_cached_tokens == 0 and got.token_ids == want != v1_answer
+
+
 def test_adapter_v2_under_the_same_name_never_hits_v1(on, off, weights):
     prompt = tokens(3, 40)
     params = SamplingParams(max_tokens=4, **GREEDY)
