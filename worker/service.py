@@ -57,6 +57,7 @@ class Live:
     last_output_at: float | None = None
     itl_s: list[float] = field(default_factory=list)  # gaps between consecutive outputs (metrics)
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV the prefix cache held at admission
 
 
 class WorkerService:
@@ -218,6 +219,7 @@ class WorkerService:
                 live = self._live.get(out.request_id)
                 if live is None:
                     continue
+                live.cached_tokens = out.num_cached_tokens
                 if out.new_token_ids:
                     if live.first_token_at is None:
                         live.first_token_at = now
@@ -240,12 +242,14 @@ class WorkerService:
         self._live.pop(live.req.id, None)
         result = GenerationResult(
             id=live.req.id, status=status, text=live.text, token_ids=live.token_ids, finish_reason=finish_reason,
-            prompt_tokens=live.prompt_tokens, completion_tokens=len(live.token_ids), worker=self.id,
+            prompt_tokens=live.prompt_tokens, cached_tokens=live.cached_tokens, completion_tokens=len(live.token_ids),
+            worker=self.id,
             attempts=live.attempt, queued_at=live.req.created_at, started_at=live.started_at,
             first_token_at=live.first_token_at,
         )
         if self.queues.complete(result, self.id, live.attempt):
-            record_finished(self.metrics, result, live.req.target.key, live.req.priority, live.itl_s)
+            record_finished(self.metrics, result, live.req.target.key, live.req.priority, live.itl_s,
+                            base=self.settings.base_model)
         else:
             log.warning("result of %s not recorded: this worker no longer owns it", live.req.id)
 

@@ -123,6 +123,12 @@ def test_mixed_models_batch_equals_the_engine(live_stack, client, direct, demo_t
         assert body.choices[0].message.content == want, custom_id
         assert body.model == custom_id.split("/")[0]  # the name the line used
         assert body.usage.completion_tokens <= 8
+    # The batch's usage adds up its lines', cached prompt tokens (prefix caching) included.
+    usages = [line["response"]["body"]["usage"] for line in output.values()]
+    usage = done.model_dump()["usage"]
+    assert usage["input_tokens"] == sum(u["prompt_tokens"] for u in usages)
+    assert usage["input_tokens_details"]["cached_tokens"] == sum(u["prompt_tokens_details"]["cached_tokens"]
+                                                                 for u in usages)
     # The same greedy requests through the real-time API give the same answers.
     for row in rows[:-1]:
         live = client.chat.completions.create(**row["body"])

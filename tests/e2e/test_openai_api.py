@@ -226,3 +226,55 @@ def test_metrics_show_the_traffic(live_stack, client):
     assert samples[("hotswap:workers_up", (("base_model", BASE),))] == 1
     assert samples[("hotswap:batch_size_count", (lora, ("priority", "realtime")))] >= 1
     assert samples[("hotswap:adapter_loads_total", (lora,))] >= 1
+
+
+def _prefix_cache_samples(url: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name.startswith("hotswap:prefix_cache_") and s.labels == {"base": BASE}}
+
+
+def _wait_for_metrics(url: str, until) -> dict:
+    deadline = time.monotonic() + 10
+    while True:  # workers flush their metrics with each heartbeat
+        samples = _prefix_cache_samples(url)
+        if until(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.3)
+
+
+def test_repeated_prompt_reports_cached_tokens(live_stack, client, demo_tokenizer):
+    """The first request computes its prompt (cached_tokens 0); a repeat reuses its full KV blocks
+    (the last prompt token is always computed), streamed or not; /metrics counts queries and hits."""
+    prompt = f"Case {time.time_ns()}: " + "Summarise the policy on refunds, returns and exchanges. " * 8
+    n = len(demo_tokenizer.encode(prompt))
+    full = (n - 1) // 16 * 16  # 16: the worker engine's block_size (EngineConfig's default)
+    time.sleep(2.5)  # earlier tests' requests are all finished: let the worker flush them (heartbeat_s = 1)
+    before = _prefix_cache_samples(live_stack.url)
+
+    def cached(**kw) -> int:
+        out = client.completions.create(model=BASE, prompt=prompt, max_tokens=2, temperature=0, **kw)
+        usage = list(out)[-1].usage if kw.get("stream") else out.usage
+        assert usage.prompt_tokens == n
+        return usage.prompt_tokens_details.cached_tokens
+
+    assert cached() == 0  # a prompt no request had: nothing cached
+    assert cached() == full > 0
+    assert cached(stream=True, stream_options={"include_usage": True}) == full
+    # The adapter's weights never reuse the base's blocks.
+    tuned = client.completions.create(model="support-bot", prompt=prompt, max_tokens=2, temperature=0)
+    assert tuned.usage.prompt_tokens_details.cached_tokens == 0
+
+    after = _wait_for_metrics(live_stack.url, lambda s: s.get("hotswap:prefix_cache_queries_total", 0)
+                              >= before.get("hotswap:prefix_cache_queries_total", 0) + 4 * n)
+    assert after["hotswap:prefix_cache_queries_total"] - before.get("hotswap:prefix_cache_queries_total", 0) == 4 * n
+    assert after["hotswap:prefix_cache_hits_total"] - before.get("hotswap:prefix_cache_hits_total", 0) == 2 * full
+
+    # Chat: the chat template's opening is shared by every conversation; a repeat hits its whole prompt.
+    messages = [{"role": "user", "content": prompt}]
+    n_chat = len(demo_tokenizer.encode_chat(messages))
+    client.chat.completions.create(model=BASE, messages=messages, max_tokens=2, temperature=0)
+    again = client.chat.completions.create(model=BASE, messages=messages, max_tokens=2, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == (n_chat - 1) // 16 * 16
