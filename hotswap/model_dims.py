@@ -39,20 +39,14 @@ class ModelDims:
     mlp_bias: bool
 
     @property
-    def q_size(self) -> int:
-        return self.num_attention_heads * self.head_dim
-
-    @property
-    def kv_size(self) -> int:
-        return self.num_key_value_heads * self.head_dim
-
-    @property
     def qkv_bias(self) -> bool:
         return self.architecture == "Qwen2ForCausalLM" or self.attention_bias
 
     def projection_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of every LoRA-able projection."""
-        return projection_shapes(self)
+        return projection_shapes(self.hidden_size, self.intermediate_size,
+                                 q_size=self.num_attention_heads * self.head_dim,
+                                 kv_size=self.num_key_value_heads * self.head_dim)
 
     @classmethod
     def from_config(cls, raw: Any, what: str, error: type[ValueError] = ValueError,
@@ -99,10 +93,9 @@ class ModelDims:
         )
 
 
-def projection_shapes(dims: Any) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) per projection of anything with hidden_size, intermediate_size,
-    q_size and kv_size (a `ModelDims`, or the engine's `ModelConfig`)."""
-    h, i, q, kv = dims.hidden_size, dims.intermediate_size, dims.q_size, dims.kv_size
+def projection_shapes(hidden: int, intermediate: int, q_size: int, kv_size: int) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) per projection; q_size = heads * head_dim, kv_size = kv_heads * head_dim."""
+    h, i, q, kv = hidden, intermediate, q_size, kv_size
     return {
         "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
         "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
