@@ -5,15 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from adapters.errors import (
-    BaseModelMismatchError,
-    CorruptWeightsError,
-    InvalidConfigError,
-    MissingFileError,
-    MissingTensorError,
-    PickledWeightsError,
-    UnexpectedTensorError,
+    BaseModelMismatchError, CorruptWeightsError, InvalidConfigError, MissingFileError, MissingTensorError,
+    PickledWeightsError, UnexpectedTensorError,
 )
 from adapters.format.dims import base_dims
 from adapters.format.files import (
@@ -30,6 +26,7 @@ from hotswap.quote import show
 class FullModelInfo:
     """A validated full fine-tune: same architecture and dimensions as the base model."""
 
+    kind: ClassVar[str] = "full"
     path: str
     architecture: str | None
     num_layers: int

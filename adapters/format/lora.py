@@ -10,15 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from adapters.errors import (
-    AdapterFormatError,
-    MissingFileError,
-    MissingTensorError,
-    PickledWeightsError,
-    RankError,
-    UnexpectedTensorError,
+    AdapterFormatError, MissingFileError, MissingTensorError, PickledWeightsError, RankError, UnexpectedTensorError,
 )
 from adapters.format.dims import base_dims
 from adapters.format.files import (
@@ -40,6 +35,7 @@ class LoraAdapterInfo:
     B `[out, rank]` as returned by `load_weights()` (B is *not* pre-scaled).
     """
 
+    kind: ClassVar[str] = "lora"
     path: str
     rank: int
     alpha: float
