@@ -10,18 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
+from adapters.format.targets import lora_tensor_names
+from hotswap.model_dims import PROJECTIONS, ModelDims
 
-
-def projection_dims(base_config: dict) -> dict[str, tuple[int, int]]:
-    """(in, out) of every LoRA-able projection of a Llama-family config.json."""
-    h, i = base_config["hidden_size"], base_config["intermediate_size"]
-    heads = base_config["num_attention_heads"]
-    kv = base_config.get("num_key_value_heads") or heads
-    d = base_config.get("head_dim") or h // heads
-    return {"q_proj": (h, heads * d), "k_proj": (h, kv * d), "v_proj": (h, kv * d), "o_proj": (heads * d, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+ATTENTION = tuple(m for m, parent in PROJECTIONS.items() if parent == "self_attn")  # q, k, v, o
+MLP = tuple(m for m, parent in PROJECTIONS.items() if parent == "mlp")  # gate, up, down
 
 
 def write_random_lora(out_dir: Path, base_config: dict, rank: int, alpha: float, targets=ATTENTION + MLP,
@@ -29,16 +22,15 @@ def write_random_lora(out_dir: Path, base_config: dict, rank: int, alpha: float,
     import torch
     from safetensors.torch import save_file
 
-    dims = projection_dims(base_config)
+    dims = ModelDims.from_config(base_config, "base model config", need_vocab=False).projection_shapes()  # module -> (in, out)
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(base_config["num_hidden_layers"]):
         for m in targets:
-            parent = "self_attn" if m in ATTENTION else "mlp"
-            prefix = f"base_model.model.model.layers.{layer}.{parent}.{m}"
+            a_name, b_name = lora_tensor_names(layer, m)
             d_in, d_out = dims[m]
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) / d_in**0.5
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * std
+            tensors[a_name] = torch.randn(rank, d_in, generator=g) / d_in**0.5  # A [r, in]
+            tensors[b_name] = torch.randn(d_out, rank, generator=g) * std  # B [out, r]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out_dir / "adapter_model.safetensors")

@@ -50,6 +50,12 @@ def _open_files(path: Path) -> list[tuple[str, BinaryIO]]:
     return opened
 
 
+def _max_rank(server: dict) -> int | None:
+    """The max LoRA rank GET /v1/hotswap/base-model reports; None when the server does not say (older servers)."""
+    rank = server.get("max_lora_rank")
+    return rank if isinstance(rank, int) and not isinstance(rank, bool) and rank > 0 else None
+
+
 @app.command()
 def upload(
     path: Annotated[Path, typer.Argument(help="An adapter dir (adapter_config.json + adapter_model.safetensors) or a full checkpoint dir.")],
@@ -62,7 +68,7 @@ def upload(
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     from adapters.errors import AdapterFormatError
-    from adapters.format import detect_kind, inspect_full_checkpoint, inspect_lora_adapter
+    from adapters.format import inspect
     from adapters.names import validate_name
 
     try:
@@ -76,11 +82,9 @@ def upload(
     if base and base != server["name"]:
         fail(f"this server serves base model {server['name']!r}, not {base!r}")
     try:  # fast feedback: a broken adapter is never uploaded
-        kind = detect_kind(path)
-        if kind == "lora":
-            inspect_lora_adapter(path, server["config"])
-        else:
-            inspect_full_checkpoint(path, server["config"])
+        # The server's own rank ceiling; None (a server that does not report it) skips that one check here and
+        # leaves it to the server. NaN/Inf in a full checkpoint's weights: the server scans them, not the laptop.
+        kind = inspect(path, server["config"], _max_rank(server), check_finite=False).kind
         files = _open_files(path)
     except AdapterFormatError as exc:  # format messages name files inside the dir: say which dir
         fail(f"{path}: {exc}")

@@ -47,8 +47,9 @@ base_router = APIRouter(tags=["adapters"])
 
 @base_router.get("/v1/hotswap/base-model")
 def get_base_model(settings: SettingsDep, tenant: TenantDep) -> dict:
-    """The base model's name and config.json, so the CLI can validate an adapter before uploading it."""
-    return {"name": settings.base_model, "config": base_config(settings)}
+    """The base model's name and config.json, and the highest LoRA rank this server accepts, so the CLI
+    validates an adapter before uploading it exactly as the upload route will."""
+    return {"name": settings.base_model, "config": base_config(settings), "max_lora_rank": settings.max_lora_rank}
 
 
 def _check_base(base_model: str, settings) -> None:
@@ -68,7 +69,7 @@ async def upload(
     registry=Depends(get_registry),
 ):
     from adapters.errors import AdapterFormatError
-    from adapters.format import detect_kind, inspect_full_checkpoint, inspect_lora_adapter
+    from adapters.format import inspect
     from adapters.names import validate_name
 
     try:
@@ -89,14 +90,10 @@ async def upload(
 
     def validate_and_register(tmp: Path):
         try:
-            kind = detect_kind(tmp)
-            if kind == "lora":
-                info = inspect_lora_adapter(tmp, base_config(settings), max_rank=settings.max_lora_rank)
-            else:
-                info = inspect_full_checkpoint(tmp, base_config(settings), check_finite=True)
+            info = inspect(tmp, base_config(settings), settings.max_lora_rank, check_finite=True)
         except AdapterFormatError as exc:
             raise APIError(400, str(exc), param="files") from None
-        return registry.register(tenant, name, kind, base_model, tmp, info)
+        return registry.register(tenant, name, info.kind, base_model, tmp, info)
 
     limit = settings.max_upload_mb * 2**20
     with tempfile.TemporaryDirectory(prefix="hotswap-upload-") as tmp:

@@ -449,6 +449,20 @@ def test_bad_base_config_is_not_an_adapter_error(good, base_config):
     assert not isinstance(exc_info.value, AdapterFormatError)
 
 
+def test_inspect_is_the_one_entry_for_both_kinds(good, base_dir, base_config):
+    from adapters.format import inspect
+
+    lora = inspect(good, base_config, 8)
+    assert isinstance(lora, LoraAdapterInfo) and lora.kind == "lora" and lora.rank == 8
+    full = inspect(base_dir, base_config, 8)
+    assert isinstance(full, FullModelInfo) and full.kind == "full"
+    with pytest.raises(RankError, match="maximum rank 4"):
+        inspect(good, base_config, 4)
+    assert inspect(good, base_config, None).rank == 8  # no ceiling known: the server decides
+    with pytest.raises(ValueError, match="max_rank must be a positive integer"):
+        inspect(good, base_config, 0)
+
+
 # --------------------------------------------------------------------------------------------------
 # Full checkpoints
 
@@ -677,8 +691,9 @@ def test_module_imports_no_torch_worker_or_api():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
-    for name in ("format.py", "errors.py"):
-        tree = ast.parse((root / "adapters" / name).read_text())
+    for path in [*sorted((root / "adapters" / "format").glob("*.py")), root / "adapters" / "errors.py"]:
+        name = str(path.relative_to(root))
+        tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 mods = [a.name for a in node.names]

@@ -161,6 +161,29 @@ def test_an_upload_over_the_size_limit_is_refused_and_leaves_nothing(api_setting
     assert open_store(api_settings).list("tenants/") == []
 
 
+@pytest.mark.parametrize("api_settings", ["file"], indirect=True)
+def test_the_cli_checks_ranks_against_the_servers_max_lora_rank(api_settings, redis_client, api_key, small_adapter,
+                                                                 tmp_path):
+    """The CLI's local check uses the rank ceiling the server reports, never a default of its own."""
+    from api.app import create_app
+    from tests.api.conftest import LiveServer
+
+    with LiveServer(create_app(api_settings.model_copy(update={"max_lora_rank": 4}))) as server:
+        reported = httpx.get(server.url + "/v1/hotswap/base-model", headers={"Authorization": f"Bearer {api_key}"})
+        assert reported.json()["max_lora_rank"] == 4
+        r = cli(server, api_key, "upload", str(small_adapter), "--name", "over-four")  # r = 8
+    # Refused locally (the user's path in front, no HTTP status): nothing was sent.
+    assert r.returncode == 1 and "maximum rank 4" in r.stderr and "HTTP" not in r.stderr, r.stderr
+    assert r.stderr.startswith(f"error: {small_adapter}: adapter_config.json has LoRA rank r = 8"), r.stderr
+    assert not [k for k in redis_client.keys("hotswap:reg:*") if b":model:" in k]
+
+    rank_128 = broken(small_adapter, tmp_path, "rank-too-large")  # above the default of 64
+    with LiveServer(create_app(api_settings.model_copy(update={"max_lora_rank": 128}))) as server:
+        r = cli(server, api_key, "upload", str(rank_128), "--name", "wide")
+    assert r.returncode == 0, r.stderr
+    assert "wide@1" in r.stdout
+
+
 # --------------------------------------------------------------------------------------------------
 # Hostile uploads (issue 14): every one is a 4xx with the error envelope, never a 500; refusals name files
 # as the client sent them, never the server's temp dir.

@@ -11,30 +11,24 @@ from dataclasses import dataclass
 
 import torch
 
+from adapters.format.targets import SUPPORTED_MODULES
+from hotswap.model_dims import projection_shapes
 from worker.models.config import ModelConfig
 
-# group -> (module path inside a decoder layer, its sub-projections in output-column order)
+# group -> (module path inside a decoder layer, its sub-projections in output-column order). The
+# sub-projections are the ones adapters.format.targets maps PEFT names onto (SUPPORTED_MODULES, same order).
 GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "qkv": ("self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj")),
-    "o": ("self_attn.o_proj", ("o_proj",)),
-    "gate_up": ("mlp.gate_up_proj", ("gate_proj", "up_proj")),
-    "down": ("mlp.down_proj", ("down_proj",)),
+    "qkv": ("self_attn.qkv_proj", SUPPORTED_MODULES[0:3]),  # q_proj, k_proj, v_proj
+    "o": ("self_attn.o_proj", SUPPORTED_MODULES[3:4]),  # o_proj
+    "gate_up": ("mlp.gate_up_proj", SUPPORTED_MODULES[4:6]),  # gate_proj, up_proj
+    "down": ("mlp.down_proj", SUPPORTED_MODULES[6:7]),  # down_proj
 }
 MODULE_GROUP = {sub: group for group, (_, subs) in GROUPS.items() for sub in subs}
 
 
-def module_dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of every LoRA-able projection."""
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    return {
-        "q_proj": (h, cfg.q_size), "k_proj": (h, cfg.kv_size), "v_proj": (h, cfg.kv_size),
-        "o_proj": (cfg.q_size, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
-    }
-
-
 def group_dims(cfg: ModelConfig, group: str) -> tuple[int, list[int]]:
     """(in_features, [out_features of each sub-projection]) of a group."""
-    dims = module_dims(cfg)
+    dims = projection_shapes(cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size)  # module -> (in, out)
     subs = GROUPS[group][1]
     return dims[subs[0]][0], [dims[s][1] for s in subs]
 

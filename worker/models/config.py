@@ -1,10 +1,15 @@
-"""The model facts the engine needs, read from a Hugging Face `config.json` and validated."""
+"""The model facts the engine needs, read from a Hugging Face `config.json` and validated.
+
+The dimensions come from `hotswap.model_dims` (the parser `adapters.format` uses too); this adds what
+only the engine needs: the supported architecture, rope, norms, special tokens."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from hotswap.model_dims import ModelDims
 
 # Architectures that are a Llama underneath: same blocks, optional q/k/v bias.
 SUPPORTED_ARCHITECTURES = {
@@ -80,26 +85,25 @@ class ModelConfig:
             raise ValueError(
                 f"{arch} with sliding-window attention (sliding_window={raw.get('sliding_window')}) is not supported"
             )
-        num_heads = int(raw["num_attention_heads"])
-        num_kv_heads = int(raw.get("num_key_value_heads") or num_heads)
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
-        head_dim = int(raw.get("head_dim") or raw["hidden_size"] // num_heads)
+        dims = ModelDims.from_config(raw, "config.json")  # the one parser of the dimensions (torch-free)
+        if dims.num_attention_heads % dims.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {dims.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {dims.num_key_value_heads}")
         gen = generation or {}
         return cls(
             architecture=arch,
-            vocab_size=int(raw["vocab_size"]),
-            hidden_size=int(raw["hidden_size"]),
-            intermediate_size=int(raw["intermediate_size"]),
-            num_layers=int(raw["num_hidden_layers"]),
-            num_heads=num_heads,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
+            vocab_size=dims.vocab_size,
+            hidden_size=dims.hidden_size,
+            intermediate_size=dims.intermediate_size,
+            num_layers=dims.num_hidden_layers,
+            num_heads=dims.num_attention_heads,
+            num_kv_heads=dims.num_key_value_heads,
+            head_dim=dims.head_dim,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             max_position=int(raw.get("max_position_embeddings", 4096)),
             rope=_rope_config(raw),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
+            tie_word_embeddings=dims.tie_word_embeddings,
+            qkv_bias=family == "qwen2" or dims.attention_bias,
             eos_token_ids=_as_ids(gen.get("eos_token_id", raw.get("eos_token_id"))),
             bos_token_id=raw.get("bos_token_id"),
         )

@@ -57,3 +57,20 @@ def test_stacked_adapter_keeps_lora_b_transposed():
     assert a.groups == frozenset({"down"})
     assert torch.equal(a.b["down"][0][1], lora_b.T) and torch.equal(a.a["down"][1, 0], lora_a)
     assert not a.b["down"][0][0].any()
+
+
+def test_groups_cover_the_projections_adapters_format_maps_peft_names_onto():
+    from adapters.format import SUPPORTED_MODULES
+
+    assert [sub for _, subs in GROUPS.values() for sub in subs] == list(SUPPORTED_MODULES)
+
+
+def test_module_shapes_agree_with_the_base_model_dims():
+    from hotswap.model_dims import ModelDims
+    from worker.lora.layout import group_dims
+
+    raw = {"architectures": ["LlamaForCausalLM"], "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 32}
+    cfg, shapes = ModelConfig.from_dict(raw), ModelDims.from_config(raw, "config.json").projection_shapes()
+    for group, (_, subs) in GROUPS.items():
+        assert group_dims(cfg, group) == (shapes[subs[0]][0], [shapes[s][1] for s in subs])
