@@ -111,8 +111,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":  # the engine's own default
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name == "auto":  # the engine's own default (bf16 on CPUs only with native bf16)
+        from worker.engine.config import default_dtype
+
+        return default_dtype(device)
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
@@ -294,13 +296,16 @@ def drive_engine(engine, workload: Workload) -> dict:
 
 def make_engine(model_dir: Path, max_in_flight: int, device: torch.device, dtype: torch.dtype,
                 adapters: list[tuple[str, Path]] = ()):
+    from hotswap.settings import get_settings
     from worker.engine.config import EngineConfig
     from worker.engine.engine import LLMEngine
     from worker.engine.sampling_params import SamplingParams
 
+    settings = get_settings()  # CPU path timings: measured once per machine kind, kept in the cache dir
     engine = LLMEngine(EngineConfig(model=model_dir, device=str(device), dtype=dtype_name(dtype),
                                     max_num_seqs=max_in_flight, max_num_batched_tokens=1024,
-                                    max_loras=len(adapters), max_lora_rank=32))
+                                    max_loras=len(adapters), max_lora_rank=32, cpu_tuning=settings.cpu_tuning,
+                                    cpu_tuning_cache=settings.resolved_cpu_tuning_dir))
     for name, path in adapters:
         engine.register_adapter(name, path)
     warm = [None, adapters[0][0]] if adapters else [None, None]
@@ -335,6 +340,7 @@ def run_engine(model_dir: Path, workload: Workload, max_in_flight: int, device: 
         "mean_ttft_s": statistics.fmean(run["ttft"]),
         "max_ttft_s": max(run["ttft"]),
         "kv_blocks": engine.blocks.num_blocks,
+        "cpu_paths": engine.cpu_paths,
         "other_cpu_share": others,
         # Only meaningful on a GPU (a CPU step is compute-bound): None unless a bandwidth is given.
         "decode_floor": (decode_bandwidth_floor(engine, run, bandwidth, spec_bandwidth)
@@ -479,6 +485,10 @@ def print_report(report: dict) -> None:
 
     console = Console()
     console.print(render_table(report))
+    if report["config"].get("cpu"):
+        from worker.models.cpu_facts import report_lines
+
+        console.print("\n".join(report_lines(report["config"]["cpu"], report["engine"]["cpu_paths"])))
     floor = report["engine"].get("decode_floor")
     if floor is not None:
         for line in floor_lines(floor):
@@ -570,6 +580,10 @@ def benchmark(args: argparse.Namespace, model_dir: Path) -> dict:
                   device=str(device), dtype=dtype_name(dtype), torch_threads=torch.get_num_threads(),
                   cpu_count=os.cpu_count(), prompt_tokens=sum(map(len, workload.prompts)),
                   generated_tokens=workload.generated_tokens)
+    if device.type == "cpu":
+        from worker.models.cpu_facts import cpu_facts
+
+        config["cpu"] = cpu_facts()
     ratio = eng["tokens_per_s"] / hf["tokens_per_s"] if hf else None
     report = {"config": config, "transformers": hf, "engine": eng, "ratio": ratio}
     if base_run is not None:

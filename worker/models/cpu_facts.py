@@ -80,3 +80,13 @@ def cpu_facts() -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
     }
+
+
+def report_lines(facts: dict, paths: dict) -> list[str]:
+    """cpu_facts() and an engine's cpu_paths as a few lines for a benchmark report."""
+    flags = " ".join(f for f, on in facts["isa"].items() if on) or "no AVX2"
+    lines = [f"CPU: {facts['cpu_model']} ({flags}), {facts['torch_threads']} torch threads; "
+             f"{paths.get('dtype', '?')} paths ({paths.get('source', 'none')}):"]
+    for shape, rows in paths.get("shapes", {}).items():
+        lines.append(f"  {shape}: " + ", ".join(f"{r} {c}" for r, c in rows.items()))
+    return lines
