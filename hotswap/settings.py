@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,7 +28,9 @@ class Settings(BaseSettings):
 
     # Engine
     device: str = Field(default="auto", description="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")
-    dtype: str = Field(default="auto", description="'auto' (bf16 on GPU, fp32 on CPU), 'float32', 'bfloat16', 'float16'.")
+    dtype: str = Field(default="auto", description="'auto' (bf16 on GPU and on CPUs with native bf16: AVX512_BF16 or AMX; else fp32), 'float32', 'bfloat16', 'float16'.")
+    cpu_tuning: Literal["auto", "remeasure", "off"] = Field(default="auto", description="CPU engine: measure the matmul paths once per machine kind and keep the timings in CPU_TUNING_DIR ('auto'), measure again now ('remeasure'), or use the fixed rule ('off').")
+    cpu_tuning_dir: Path | None = Field(default=None, description="Where measured CPU matmul timings are kept (default: CACHE_DIR/cpu-tuning).")
     max_lora_rank: int = Field(default=64, description="Adapters of higher rank are refused at upload.")
 
     # The base model served (its config + tokenizer are read by the API; weights only by workers)
@@ -103,6 +106,10 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_url(self) -> str:
         return self.storage_url or f"file://{self.data_dir / 'storage'}"
+
+    @property
+    def resolved_cpu_tuning_dir(self) -> Path:
+        return self.cpu_tuning_dir or self.cache_dir / "cpu-tuning"
 
     @property
     def resolved_adapter_cache_dir(self) -> Path:

@@ -103,8 +103,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":  # the engine's own default
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name == "auto":  # the engine's own default (bf16 on CPUs only with native bf16)
+        from worker.engine.config import default_dtype
+
+        return default_dtype(device)
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
@@ -259,14 +261,17 @@ def drive_engine(engine, workload: Workload) -> dict:
 
 def make_engine(model_dir: Path, max_in_flight: int, device: torch.device, dtype: torch.dtype,
                 adapters: list[tuple[str, Path]] = (), prefix_caching: bool = True):
+    from hotswap.settings import get_settings
     from worker.engine.config import EngineConfig
     from worker.engine.engine import LLMEngine
     from worker.engine.sampling_params import SamplingParams
 
+    settings = get_settings()  # CPU path timings: measured once per machine kind, kept in the cache dir
     engine = LLMEngine(EngineConfig(model=model_dir, device=str(device), dtype=dtype_name(dtype),
                                     max_num_seqs=max_in_flight, max_num_batched_tokens=1024,
                                     max_loras=len(adapters), max_lora_rank=32,
-                                    enable_prefix_caching=prefix_caching))
+                                    enable_prefix_caching=prefix_caching, cpu_tuning=settings.cpu_tuning,
+                                    cpu_tuning_cache=settings.resolved_cpu_tuning_dir))
     for name, path in adapters:
         engine.register_adapter(name, path)
     warm = [None, adapters[0][0]] if adapters else [None, None]
@@ -305,6 +310,7 @@ def run_engine(model_dir: Path, workload: Workload, max_in_flight: int, device: 
         "prefix_caching": engine.prefix_cache is not None,
         "cached_prompt_tokens": sum(run["cached"]),  # prompt tokens whose KV came from the prefix cache
         "prompt_tokens": sum(map(len, workload.prompts)),
+        "cpu_paths": engine.cpu_paths,
         "other_cpu_share": others,
         # Only meaningful on a GPU (a CPU step is compute-bound): None unless a bandwidth is given.
         "decode_floor": (decode_bandwidth_floor(engine, run, bandwidth, spec_bandwidth)
@@ -633,6 +639,10 @@ def print_report(report: dict) -> None:
 
     console = Console()
     console.print(render_table(report))
+    if report["config"].get("cpu"):
+        from worker.models.cpu_facts import report_lines
+
+        console.print("\n".join(report_lines(report["config"]["cpu"], report["engine"]["cpu_paths"])))
     floor = report["engine"].get("decode_floor")
     if floor is not None:
         for line in floor_lines(floor):
@@ -737,6 +747,10 @@ def benchmark(args: argparse.Namespace, model_dir: Path) -> dict:
                   device=str(device), dtype=dtype_name(dtype), torch_threads=torch.get_num_threads(),
                   cpu_count=os.cpu_count(), prompt_tokens=sum(map(len, workload.prompts)),
                   generated_tokens=workload.generated_tokens)
+    if device.type == "cpu":
+        from worker.models.cpu_facts import cpu_facts
+
+        config["cpu"] = cpu_facts()
     ratio = eng["tokens_per_s"] / hf["tokens_per_s"] if hf else None
     report = {"config": config, "transformers": hf, "engine": eng, "ratio": ratio}
     if base_run is not None:

@@ -27,6 +27,7 @@ def build_engine(settings):
         max_num_batched_tokens=max(1024, settings.max_num_seqs), max_loras=settings.max_loras,
         max_lora_rank=settings.max_lora_rank, kv_cache_gb=settings.kv_cache_gb,
         enable_prefix_caching=settings.prefix_caching,
+        cpu_tuning=settings.cpu_tuning, cpu_tuning_cache=settings.resolved_cpu_tuning_dir,
     ))
 
 

@@ -12,7 +12,7 @@ import torch
 class EngineConfig:
     model: str | Path
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (bf16 on GPU and on CPUs with native bf16, else fp32) | float32 | bfloat16 | float16
     block_size: int = 16
     num_blocks: int | None = None  # None: sized from kv_cache_gb (CPU) or gpu_memory_utilization (GPU)
     kv_cache_gb: float = 1.0  # CPU KV cache size when num_blocks is None
@@ -25,6 +25,8 @@ class EngineConfig:
     max_cpu_loras: int | None = None  # adapters kept in (pinned) host memory (default 4 x max_loras)
     max_cpu_finetunes: int = 2  # full fine-tunes kept in host memory besides the base
     enable_prefix_caching: bool = True  # reuse full KV blocks of equal prefixes under equal weights
+    cpu_tuning: str = "auto"  # CPU matmul paths: auto (measure once, cached) | remeasure | off (fixed rule)
+    cpu_tuning_cache: Path | None = None  # dir of the measured timings (None: this process only)
 
     def __post_init__(self):
         if self.block_size < 8 or self.block_size & (self.block_size - 1):
@@ -41,6 +43,8 @@ class EngineConfig:
             raise ValueError("max_loras must be >= 0")
         if self.max_lora_rank < 16 or self.max_lora_rank % 16:
             raise ValueError(f"max_lora_rank must be a positive multiple of 16, got {self.max_lora_rank}")
+        if self.cpu_tuning not in ("auto", "remeasure", "off"):
+            raise ValueError(f"cpu_tuning must be auto, remeasure or off; got {self.cpu_tuning!r}")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -52,8 +56,16 @@ class EngineConfig:
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
+            return default_dtype(device)
         names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         if self.dtype not in names:
             raise ValueError(f"dtype must be one of auto, {', '.join(names)}; got {self.dtype!r}")
         return names[self.dtype]
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs and on CPUs that compute it natively (AVX512_BF16 or AMX); fp32 on other CPUs,
+    where bf16 matmuls are converted to fp32 and back and run slower than fp32."""
+    from worker.models.cpu_facts import cpu_has_native_bf16
+
+    return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32

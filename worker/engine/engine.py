@@ -75,6 +75,7 @@ class LLMEngine:
         model_dir = Path(config.model)
         self.model = load_model(model_dir, self.dtype, self.device)
         self.model.prepack()
+        self.cpu_paths = self._tune_cpu_paths()  # what runs each projection per row count ({} off CPU)
         self.model_config = self.model.config
         self.tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").exists() else None
         self._base_config_raw = json.loads((model_dir / "config.json").read_text())
@@ -108,6 +109,14 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._arrivals = itertools.count()
+
+    def _tune_cpu_paths(self) -> dict:
+        if self.device.type != "cpu":
+            return {}
+        from worker.models.cpu_tuning import tune_model
+
+        return tune_model(self.model.linear_sites(), self.config.max_num_seqs, self.config.cpu_tuning,
+                          self.config.cpu_tuning_cache)
 
     def _auto_num_blocks(self) -> int:
         per_block = ModelRunner.kv_bytes_per_block(self.model, self.config.block_size, self.dtype)

@@ -32,8 +32,9 @@ class LoraRuntime:
     def __init__(self, model: LlamaForCausalLM, slots: LoraSlots):
         self.model, self.slots = model, slots
         self.segments: dict[str, Segments | None] = {g: None for g in GROUPS}
-        # fp32 on a CPU: batched matmuls over runs of slots (cpu_batched.py) instead of the kernels.
-        self.cpu_batched = not use_triton(slots.scalings) and slots.dtype == torch.float32
+        # On a CPU (fp32 or bf16): batched matmuls over runs of slots (cpu_batched.py) instead of the
+        # kernels' per-segment references.
+        self.cpu_batched = not use_triton(slots.scalings) and slots.dtype in (torch.float32, torch.bfloat16)
         self.runs: dict[str, list[Run]] = {g: [] for g in GROUPS}
         self.active = False
         self._hooks = [

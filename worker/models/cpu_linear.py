@@ -14,6 +14,13 @@ tensor take the plain GEMM.
 The packed copy follows the weight by its version counter (`Tensor._version`, bumped by every
 in-place write): a full fine-tune copied in place repacks at the engine's next `prepack()` or on
 next use, never runs with stale weights. It costs one more copy of the weights in host memory.
+
+That rule was tuned on one machine and does not carry over (on a Zen 4 the packed path gains
+nothing and 13 rows cost more than 16), so the engine measures instead (cpu_tuning.py) and gives
+each weight a table: per row count, plain or packed, at its own row count or zero-padded up to a
+cheaper one (cpu_plan.py). Without a table (tuning off) the fixed rule above applies. Every path
+gives F.linear's results up to fp32 rounding: MKL picks its kernel by row count, so even F.linear
+on 5 rows and on the same 5 rows padded to 8 can differ in the last bits (~1e-6 relative).
 """
 
 from __future__ import annotations
@@ -23,9 +30,9 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from worker.models.cpu_plan import MAX_PACKED_ROWS, MIN_PACKED_ROWS, Choice
+
 PACK_ROWS = 16  # the row count given to MKL's pack (the packed layout serves any row count)
-MIN_PACKED_ROWS = 4  # below this the plain GEMM is as fast (MKL's tiny-M kernel)
-MAX_PACKED_ROWS = 16  # above this the packed path measured no faster in the engine
 
 
 @functools.cache
@@ -34,11 +41,13 @@ def mkl_packing_available() -> bool:
 
 
 class PackedWeight:
-    """The MKL-packed copy of one weight, made on first use and redone whenever the weight changes."""
+    """The MKL-packed copy of one weight, made on first use and redone whenever the weight changes,
+    and the per-row-count choice of path (`table`, from cpu_plan.row_table; None: the fixed rule)."""
 
     def __init__(self):
         self._packed: torch.Tensor | None = None
         self._version = -1
+        self.table: list[Choice | None] | None = None
 
     def prepare(self, weight: torch.Tensor) -> None:
         """Pack now (at load, after a swap) instead of inside the next decode step; no-op off CPU fp32."""
@@ -48,13 +57,33 @@ class PackedWeight:
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # x: [rows, in], weight: [out, in] -> [rows, out]
         rows = x.shape[0]
-        if not (MIN_PACKED_ROWS <= rows <= MAX_PACKED_ROWS and x.dim() == 2 and x.dtype == weight.dtype
-                and self._usable(weight)):
+        if self.table is not None:
+            choice = self.table[rows] if rows < len(self.table) else None
+            return F.linear(x, weight, bias) if choice is None else self.run(choice, x, weight, bias)
+        if MIN_PACKED_ROWS <= rows <= MAX_PACKED_ROWS:
+            return self.packed_linear(x, weight, bias)
+        return F.linear(x, weight, bias)
+
+    def run(self, choice: Choice, x: torch.Tensor, weight: torch.Tensor,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [rows, in] through one path, padded with zero rows to choice.pad_to first if that is more."""
+        rows = x.shape[0]
+        if choice.pad_to is not None and choice.pad_to > rows and x.dim() == 2:
+            padded = x.new_zeros(choice.pad_to, x.shape[1])  # [pad_to, in]
+            padded[:rows] = x
+            return self.run(Choice(choice.path), padded, weight, bias)[:rows]
+        if choice.path == "packed":
+            return self.packed_linear(x, weight, bias)
+        return F.linear(x, weight, bias)
+
+    def packed_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """MKL's packed GEMM at x's own row count; F.linear where it does not apply (not CPU fp32 2-D)."""
+        if not (x.dim() == 2 and x.dtype == weight.dtype and self._usable(weight)):
             return F.linear(x, weight, bias)
         self._pack(weight)
         # The last argument is the row count the packed path runs for (else _mkl_linear falls
         # back to the plain weight): this batch's own.
-        return torch.ops.mkl._mkl_linear(x.contiguous(), self._packed, weight, bias, rows)
+        return torch.ops.mkl._mkl_linear(x.contiguous(), self._packed, weight, bias, x.shape[0])
 
     def _pack(self, weight: torch.Tensor) -> None:
         if self._packed is None or self._version != weight._version:

@@ -125,6 +125,11 @@ class LlamaForCausalLM(nn.Module):
                 module.packed.prepare(module.weight)
         self.lm_head_packed.prepare(self._logits_weight())
 
+    def linear_sites(self) -> list[tuple[str, torch.Tensor, PackedWeight]]:
+        """(name, weight [out, in], its PackedWeight) of every projection a step runs, logits included."""
+        sites = [(name, m.weight, m.packed) for name, m in self.named_modules() if isinstance(m, LinearSlot)]
+        return sites + [("lm_head", self._logits_weight(), self.lm_head_packed)]
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [n, hidden] -> [n, vocab] in fp32 (sampling wants full precision)
         return self.lm_head_packed.linear(hidden, self._logits_weight()).float()
