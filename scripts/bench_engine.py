@@ -259,19 +259,27 @@ def drive_engine(engine, workload: Workload) -> dict:
             "decode_ctx": decode_ctx, "decode_batch": decode_batch, "cached": cached}
 
 
+def cpu_tuning_options() -> dict:
+    """The worker's CPU-path settings (measured once per machine kind, kept in the cache dir). A GPU
+    machine may lack the settings package (pydantic); its engine measures nothing, so none are needed."""
+    try:
+        from hotswap.settings import get_settings
+    except ImportError:
+        return {}
+    settings = get_settings()
+    return {"cpu_tuning": settings.cpu_tuning, "cpu_tuning_cache": settings.resolved_cpu_tuning_dir}
+
+
 def make_engine(model_dir: Path, max_in_flight: int, device: torch.device, dtype: torch.dtype,
                 adapters: list[tuple[str, Path]] = (), prefix_caching: bool = True):
-    from hotswap.settings import get_settings
     from worker.engine.config import EngineConfig
     from worker.engine.engine import LLMEngine
     from worker.engine.sampling_params import SamplingParams
 
-    settings = get_settings()  # CPU path timings: measured once per machine kind, kept in the cache dir
     engine = LLMEngine(EngineConfig(model=model_dir, device=str(device), dtype=dtype_name(dtype),
                                     max_num_seqs=max_in_flight, max_num_batched_tokens=1024,
                                     max_loras=len(adapters), max_lora_rank=32,
-                                    enable_prefix_caching=prefix_caching, cpu_tuning=settings.cpu_tuning,
-                                    cpu_tuning_cache=settings.resolved_cpu_tuning_dir))
+                                    enable_prefix_caching=prefix_caching, **cpu_tuning_options()))
     for name, path in adapters:
         engine.register_adapter(name, path)
     warm = [None, adapters[0][0]] if adapters else [None, None]
