@@ -12,6 +12,7 @@ ratio engine / transformers of generated tokens per second.
     python scripts/bench_engine.py --skip-hf --json bench-engine.json
     python scripts/bench_engine.py --random-model llama3-8b # GPU: Llama-3-8B shape, random bf16 weights
     python scripts/bench_engine.py --no-prefix-caching      # the engine with prefix caching off
+    python scripts/bench_engine.py --prefix-overhead --skip-hf  # caching on vs off where nothing is shared
     python scripts/bench_engine.py --shared-prefix [--quick] # prefix caching on vs off vs transformers
 
 `--shared-prefix` is its own workload: 128 requests over 4 system prompts of 600-1,200 tokens, each
@@ -651,6 +652,11 @@ def print_report(report: dict) -> None:
         from worker.models.cpu_facts import report_lines
 
         console.print("\n".join(report_lines(report["config"]["cpu"], report["engine"]["cpu_paths"])))
+    overhead = report.get("prefix_overhead")
+    if overhead:
+        runs = lambda values: ", ".join(f"{v:.1f}" for v in values)  # noqa: E731
+        console.print(f"prefix caching on vs off, nothing shared (runs off, on, off, on): on {runs(overhead['on_tokens_per_s'])}"
+                      f" / off {runs(overhead['off_tokens_per_s'])} tok/s -> [bold]{overhead['on_vs_off']:.3f}x[/bold]")
     floor = report["engine"].get("decode_floor")
     if floor is not None:
         for line in floor_lines(floor):
@@ -695,6 +701,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the base, uniformly; transformers side uses PEFT mixed batches, and the engine also runs "
                         "the same requests base-only for the mixed/base ratio")
     p.add_argument("--no-prefix-caching", action="store_true", help="run the engine with prefix caching off")
+    p.add_argument("--prefix-overhead", action="store_true",
+                   help="the engine on this workload with prefix caching on and off, interleaved (off, on, off, on) "
+                        "in this process: what the hashing and bookkeeping cost where nothing is shared")
     p.add_argument("--shared-prefix", action="store_true",
                    help="the shared-prefix workload (see above; --num-requests, --min/--max-prompt for the suffixes, "
                         "--min/--max-tokens, --adapters override its sizes): prefix caching on vs off vs transformers")
@@ -715,6 +724,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.num_requests < 1 or args.max_in_flight < 1:
         p.error("--num-requests and --max-in-flight must be >= 1")
     return args
+
+
+def prefix_overhead(model_dir: Path, workload: Workload, max_in_flight: int, device: torch.device,
+                    dtype: torch.dtype) -> dict:
+    """The workload through a fresh engine with prefix caching off, on, off, on (interleaved, so a drift
+    of the machine falls on both sides). tok/s per run, and mean(on) / mean(off)."""
+    tok_s: dict[bool, list[float]] = {False: [], True: []}
+    last_on = None
+    for caching in (False, True, False, True):
+        run = run_engine(model_dir, workload, max_in_flight, device, dtype, prefix_caching=caching)
+        tok_s[caching].append(run["tokens_per_s"])
+        last_on = run if caching else last_on
+        release_memory(device)
+    on, off = statistics.mean(tok_s[True]), statistics.mean(tok_s[False])
+    return {"on_tokens_per_s": tok_s[True], "off_tokens_per_s": tok_s[False], "on_vs_off": on / off,
+            "last_on_run": last_on}
 
 
 def benchmark(args: argparse.Namespace, model_dir: Path) -> dict:
@@ -747,6 +772,9 @@ def benchmark(args: argparse.Namespace, model_dir: Path) -> dict:
                               bandwidth=bandwidth, spec_bandwidth=spec)
         del engine
         release_memory(device)
+    elif args.prefix_overhead:
+        overhead = prefix_overhead(model_dir, workload, args.max_in_flight, device, dtype)
+        eng = overhead.pop("last_on_run")
     else:
         eng = run_engine(model_dir, workload, args.max_in_flight, device, dtype, bandwidth=bandwidth,
                          spec_bandwidth=spec, prefix_caching=not args.no_prefix_caching)
@@ -761,6 +789,8 @@ def benchmark(args: argparse.Namespace, model_dir: Path) -> dict:
         config["cpu"] = cpu_facts()
     ratio = eng["tokens_per_s"] / hf["tokens_per_s"] if hf else None
     report = {"config": config, "transformers": hf, "engine": eng, "ratio": ratio}
+    if args.prefix_overhead:
+        report["prefix_overhead"] = overhead
     if base_run is not None:
         report["engine_base_only"] = base_run
         report["mixed_vs_base"] = eng["tokens_per_s"] / base_run["tokens_per_s"]
