@@ -39,6 +39,12 @@ import torch.nn.functional as F
 from worker.models.cpu_plan import MAX_PACKED_ROWS, MIN_PACKED_ROWS, Choice
 
 PACK_ROWS = 16  # the row count given to MKL's pack (the packed layout serves any row count)
+# bf16 batches beyond the table (prefill chunks) are zero-padded to a multiple of this: oneDNN
+# JIT-builds and keeps a kernel (~0.75 MB) per row count, so unpadded prefill lengths grew a
+# worker by ~450 MB over 130 lengths; padded, they share 1/16 as many kernels (the caches hold
+# 1,024 kernels each, ONEDNN_PRIMITIVE_CACHE_CAPACITY and ideep's LRU_CACHE_CAPACITY, so growth
+# is bounded either way).
+BF16_ROW_STEP = 16
 
 
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -82,11 +88,12 @@ class PackedWeight:
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # x: [rows, in], weight: [out, in] -> [rows, out]
         rows = x.shape[0]
-        if self.table is not None:
-            choice = self.table[rows] if rows < len(self.table) else None
-            return F.linear(x, weight, bias) if choice is None else self.run(choice, x, weight, bias)
-        if MIN_PACKED_ROWS <= rows <= MAX_PACKED_ROWS:
+        if self.table is not None and 0 < rows < len(self.table):
+            return self.run(self.table[rows], x, weight, bias)
+        if self.table is None and MIN_PACKED_ROWS <= rows <= MAX_PACKED_ROWS:
             return self.packed_linear(x, weight, bias)
+        if x.dtype == torch.bfloat16 and x.dim() == 2 and x.device.type == "cpu" and rows % BF16_ROW_STEP:
+            return self.run(Choice("plain", -(-rows // BF16_ROW_STEP) * BF16_ROW_STEP), x, weight, bias)
         return F.linear(x, weight, bias)
 
     def run(self, choice: Choice, x: torch.Tensor, weight: torch.Tensor,

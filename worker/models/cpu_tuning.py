@@ -98,6 +98,17 @@ def _complete(timings: store.ShapeTimings | None, paths: tuple[str, ...], bucket
     return timings is not None and all(set(buckets) <= set(timings.get(p, {})) for p in paths)
 
 
+@torch.inference_mode()
+def warm(site: Site, rows_limit: int) -> None:
+    """Run one weight of a shape once at every row count its table routes, so oneDNN builds its
+    per-shape kernels (~50 MB for a small model) at load, not as first-seen batch sizes arrive
+    while serving (a latency spike, and memory that grows under load)."""
+    _, weight, packed = site
+    x = torch.zeros(max(rows_limit - 1, 1), weight.shape[1], dtype=weight.dtype)  # [rows, in]
+    for rows in range(1, rows_limit):
+        packed.linear(x[:rows], weight)
+
+
 def _restrict(timings: store.ShapeTimings, paths: tuple[str, ...], buckets: tuple[int, ...]) -> store.ShapeTimings:
     return {p: {r: timings[p][r] for r in buckets} for p in paths}
 
@@ -141,6 +152,8 @@ def tune_model(sites: list[Site], max_rows: int, mode: str = "auto", cache_dir: 
         for _, weight, packed in group:
             packed.table = None if mode == "off" else table
             packed.prepare(weight)  # the copies its paths use, now; the measured-only ones dropped
+        if mode != "off":
+            warm(group[0], len(table))
         labels = sorted({name.rsplit(".", 1)[-1] for name, _, _ in group})
         label = f"{store.shape_name(shape)} ({', '.join(labels)})"
         shapes[label] = describe(table, max_rows)

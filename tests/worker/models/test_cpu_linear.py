@@ -139,3 +139,29 @@ def test_prepare_keeps_only_the_copies_the_table_uses():
     packed.table = [None, Choice("plain")]
     packed.prepare(weight)
     assert packed._packed is None and packed._onednn is None
+
+
+def test_bf16_batches_beyond_the_table_are_padded_to_a_row_step(monkeypatch):
+    """Prefill-sized bf16 batches run at a multiple of BF16_ROW_STEP rows (oneDNN keeps a kernel
+    per row count), and give the unpadded rows' results."""
+    seen = []
+    real_linear = F.linear
+
+    class Spy:
+        @staticmethod
+        def linear(x, w, b=None):
+            seen.append(x.shape[0])
+            return real_linear(x, w, b)
+
+    monkeypatch.setattr(cpu_linear, "F", Spy)
+    torch.manual_seed(0)
+    weight = torch.randn(24, 8, dtype=torch.bfloat16)
+    packed = PackedWeight()
+    packed.table = [None] + [Choice("plain")] * 4
+    for rows in (0, 3, 17, 32, 33):
+        x = torch.randn(rows, 8, dtype=torch.bfloat16)
+        out = packed.linear(x, weight)
+        assert out.shape == (rows, 24)
+        torch.testing.assert_close(out, real_linear(x, weight))
+    step = cpu_linear.BF16_ROW_STEP
+    assert seen == [0, 3, -(-17 // step) * step, 32, -(-33 // step) * step]
