@@ -1,8 +1,8 @@
 """Logit adjustments that depend on a request's tokens so far: penalties and min_tokens.
 
-Pure tensor functions over the rows that need them (the sampler picks those rows); token histories
-come in as plain lists and become count tensors with one bincount per call, so the cost is one
-[rows, vocab] pass plus the history length, and rows without penalties never get here.
+Pure tensor functions over the rows that need them (the sampler picks those rows). Token histories
+come in as plain lists and become flat (row * vocab + token) indices, so the work is proportional
+to the history lengths, not to rows x vocab: only the logits of tokens seen are read and written.
 
 Order (as vLLM's apply_penalties): repetition penalty, then frequency, then presence.
 - repetition_penalty r (vLLM / HF, prompt AND output tokens): a seen token's logit x becomes x / r
@@ -13,17 +13,18 @@ Order (as vLLM's apply_penalties): repetition penalty, then frequency, then pres
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import torch
 
 
 def token_counts(token_ids: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """How often each token occurs in each row's list: [len(token_ids), vocab] int64."""
-    n = len(token_ids)
-    lengths = torch.tensor([len(ids) for ids in token_ids], device=device)  # [n]
-    flat = torch.tensor(list(itertools.chain.from_iterable(token_ids)), dtype=torch.int64, device=device)  # [total]
-    rows = torch.repeat_interleave(torch.arange(n, device=device), lengths)  # [total]
-    return torch.bincount(rows * vocab + flat, minlength=n * vocab).view(n, vocab)
+    """How often each token occurs in each row's list: [len(token_ids), vocab] int64 (dense; for tests
+    and small vocabularies; the penalties themselves use the sparse form)."""
+    keys, counts = _occurrences(range(len(token_ids)), token_ids, vocab, device)
+    out = torch.zeros(len(token_ids) * vocab, dtype=torch.int64, device=device)
+    out[keys] = counts
+    return out.view(len(token_ids), vocab)
 
 
 def apply_penalties(
@@ -34,29 +35,57 @@ def apply_penalties(
     frequency: list[float],
     repetition: list[float],
 ) -> torch.Tensor:  # [n, vocab], a new tensor (the input is left alone)
-    vocab, device = logits.shape[1], logits.device
-    counts = token_counts(output_ids, vocab, device)  # [n, vocab]
-    in_output = counts > 0  # [n, vocab] bool
+    return penalize_(logits.clone(), range(logits.shape[0]), prompt_ids, output_ids, presence, frequency, repetition)
+
+
+def penalize_(logits: torch.Tensor, rows: Sequence[int], prompt_ids: list[list[int]], output_ids: list[list[int]],
+              presence: list[float], frequency: list[float], repetition: list[float]) -> torch.Tensor:
+    """apply_penalties in place on the given rows of logits [num_rows, vocab]; the others untouched."""
+    vocab, device, dtype = logits.shape[1], logits.device, logits.dtype
+    flat = logits.view(-1)  # [num_rows * vocab]
+    out_keys, out_counts = _occurrences(rows, output_ids, vocab, device)  # [k] unique, [k]
     if any(r != 1.0 for r in repetition):
-        seen = in_output | (token_counts(prompt_ids, vocab, device) > 0)  # [n, vocab]
-        r = torch.tensor(repetition, dtype=logits.dtype, device=device).unsqueeze(1)  # [n, 1]
-        logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
-    if any(f != 0.0 for f in frequency):
-        f = torch.tensor(frequency, dtype=logits.dtype, device=device).unsqueeze(1)  # [n, 1]
-        logits = logits - f * counts.to(logits.dtype)
-    if any(p != 0.0 for p in presence):
-        p = torch.tensor(presence, dtype=logits.dtype, device=device).unsqueeze(1)  # [n, 1]
-        logits = logits - p * in_output.to(logits.dtype)
+        prompt_keys, _ = _occurrences(rows, prompt_ids, vocab, device)
+        seen = torch.unique(torch.cat((prompt_keys, out_keys)))  # [s] flat indices of seen tokens
+        r = _per_row(repetition, rows, logits.shape[0], dtype, device)[seen // vocab]  # [s]
+        x = flat[seen]
+        flat[seen] = torch.where(x > 0, x / r, x * r)
+    if out_keys.numel() and (any(f != 0.0 for f in frequency) or any(p != 0.0 for p in presence)):
+        owner = out_keys // vocab  # [k] row of each output token
+        f = _per_row(frequency, rows, logits.shape[0], dtype, device)[owner]
+        p = _per_row(presence, rows, logits.shape[0], dtype, device)[owner]
+        flat[out_keys] = flat[out_keys] - f * out_counts.to(dtype) - p
+    return logits
+
+
+def ban_tokens_(logits: torch.Tensor, rows: Sequence[int], banned: list[list[int]]) -> torch.Tensor:
+    """Set banned tokens of the given rows to -inf in place (min_tokens: EOS and stop tokens)."""
+    # logits: [num_rows, vocab]; banned: per entry of rows, token ids
+    row_index = [r for r, ids in zip(rows, banned) for _ in ids]
+    if row_index:
+        device = logits.device
+        index = (torch.tensor(row_index, device=device),
+                 torch.tensor(list(itertools.chain.from_iterable(banned)), device=device))
+        logits.index_put_(index, torch.tensor(float("-inf"), dtype=logits.dtype, device=device))
     return logits
 
 
 def ban_tokens(logits: torch.Tensor, banned: list[list[int]]) -> torch.Tensor:
-    """Set each row's banned tokens to -inf (min_tokens: EOS and stop tokens). A new tensor."""
-    # logits: [n, vocab]; banned: per row, token ids
-    rows = [i for i, ids in enumerate(banned) for _ in ids]
-    cols = list(itertools.chain.from_iterable(banned))
-    if not cols:
-        return logits
-    device = logits.device
-    index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
-    return logits.index_put(index, torch.tensor(float("-inf"), dtype=logits.dtype, device=device))
+    """ban_tokens_ on a copy, one list of banned ids per row."""
+    return ban_tokens_(logits.clone(), range(logits.shape[0]), banned)
+
+
+def _occurrences(rows: Sequence[int], token_ids: list[list[int]], vocab: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique flat indices (row * vocab + token) of the tokens in each row's list, and their counts."""
+    lengths = torch.tensor([len(ids) for ids in token_ids], device=device)  # [n]
+    tokens = torch.tensor(list(itertools.chain.from_iterable(token_ids)), dtype=torch.int64, device=device)  # [total]
+    owners = torch.repeat_interleave(torch.tensor(list(rows), dtype=torch.int64, device=device), lengths)  # [total]
+    return torch.unique(owners * vocab + tokens, return_counts=True)
+
+
+def _per_row(values: list[float], rows: Sequence[int], num_rows: int, dtype, device) -> torch.Tensor:
+    # [num_rows]: values[j] at rows[j], 0 elsewhere (never read there)
+    out = torch.zeros(num_rows, dtype=dtype, device=device)
+    out[torch.tensor(list(rows), dtype=torch.int64, device=device)] = torch.tensor(values, dtype=dtype, device=device)
+    return out

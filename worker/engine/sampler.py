@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from worker.engine.logprobs import TokenLogprob, entries, log_probs
-from worker.engine.penalties import apply_penalties, ban_tokens
+from worker.engine.penalties import ban_tokens_, penalize_
 from worker.engine.sequence import Sequence
 
 
@@ -48,23 +48,20 @@ def sample_step(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Colle
 
 
 def adjust_logits(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Collection[int]) -> torch.Tensor:
-    """Penalties and min_tokens on the rows that use them; the other rows are left as they are."""
+    """Penalties and min_tokens on the rows that use them, in a copy; the input stays raw. Returns
+    the input itself when no row uses them."""
     rows = [i for i, s in enumerate(seqs)
             if s.params.has_penalties or len(s.output_token_ids) < s.params.min_tokens]
     if not rows:
         return logits
-    sub = logits[rows]  # [len(rows), vocab], a copy
+    adjusted = logits.clone()  # [num_seqs, vocab]
     pen = [i for i in rows if seqs[i].params.has_penalties]
     if pen:
-        at = [rows.index(i) for i in pen]
         ps = [seqs[i].params for i in pen]
-        penalized = apply_penalties(sub[at], [seqs[i].prompt_token_ids for i in pen],
-                                    [seqs[i].output_token_ids for i in pen], [p.presence_penalty for p in ps],
-                                    [p.frequency_penalty for p in ps], [p.repetition_penalty for p in ps])
-        sub[at] = penalized
-    sub = ban_tokens(sub, [_banned(seqs[i], eos_token_ids) for i in rows])
-    index = torch.tensor(rows, device=logits.device)
-    return logits.index_copy(0, index, sub)
+        penalize_(adjusted, pen, [seqs[i].prompt_token_ids for i in pen], [seqs[i].output_token_ids for i in pen],
+                  [p.presence_penalty for p in ps], [p.frequency_penalty for p in ps],
+                  [p.repetition_penalty for p in ps])
+    return ban_tokens_(adjusted, rows, [_banned(seqs[i], eos_token_ids) for i in rows])
 
 
 def _banned(seq: Sequence, eos_token_ids: Collection[int]) -> list[int]:
