@@ -32,9 +32,13 @@ def stack_env(redis_url: str, storage_env: dict[str, str], model_dir: Path, cach
         "HOTSWAP_LEASE_S": "2",
         "HOTSWAP_HEARTBEAT_S": "0.4",
         "OMP_NUM_THREADS": "1",  # two workers on a 2-core machine: do not oversubscribe
-        # Fixed matmul paths, as the reference engines in tests use: measured ones may differ per
-        # process (noise, thread count), and oneDNN's fp32 GEMM rounds differently from MKL's, which
-        # flips greedy near-ties. The service must reproduce the engine; tuning has its own tests.
+        # fp32 and fixed matmul paths, as the reference engines in tests use. The service must give
+        # the engine's greedy tokens, whatever batch a request lands in: in fp32 a batch's shape moves
+        # logits by ~1e-6, in bf16 (the default on CPUs with native bf16) by ~1e-2, which flips near-ties
+        # (bf16 is held to transformers by its own test, with a tolerance). Measured paths may differ
+        # per process (noise, thread count), and oneDNN's fp32 GEMM rounds unlike MKL's; tuning has
+        # its own tests.
+        "HOTSWAP_DTYPE": "float32",
         "HOTSWAP_CPU_TUNING": "off",
         "PYTHONUNBUFFERED": "1",
     })

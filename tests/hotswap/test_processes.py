@@ -73,8 +73,9 @@ def test_stop_after_a_child_died_and_a_custom_ask(tmp_path):
     group = ProcessGroup(tmp_path)
     dead = group.start("dead", [sys.executable, "-c", "raise SystemExit(3)"])
     dead.proc.wait(timeout=20)
-    live = group.start("live", SLEEPER)
+    live = group.start("live", [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"])
     assert group.first_dead() is dead and group.pids() == {"live": live.pid}
+    wait_for_line(live.log, "ready")  # a signal sent between fork and exec is lost with the parent's handler
     asked = []
     assert group.stop("live", ask=lambda c: (asked.append(c.name), c.proc.send_signal(signal.SIGINT)))
     assert asked == ["live"] and live.proc.returncode != 0
