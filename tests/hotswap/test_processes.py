@@ -73,7 +73,11 @@ def test_stop_after_a_child_died_and_a_custom_ask(tmp_path):
     group = ProcessGroup(tmp_path)
     dead = group.start("dead", [sys.executable, "-c", "raise SystemExit(3)"])
     dead.proc.wait(timeout=20)
-    live = group.start("live", [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"])
+    # SIGINT's default handler set explicitly: a child of a non-interactive shell's background job
+    # (as CI runs) inherits SIGINT ignored, and Python then installs none.
+    live = group.start("live", [sys.executable, "-c", "import signal, time; "
+                                "signal.signal(signal.SIGINT, signal.default_int_handler); "
+                                "print('ready', flush=True); time.sleep(60)"])
     assert group.first_dead() is dead and group.pids() == {"live": live.pid}
     wait_for_line(live.log, "ready")  # a signal sent between fork and exec is lost with the parent's handler
     asked = []
