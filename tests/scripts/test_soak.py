@@ -126,7 +126,7 @@ def test_a_failed_run_keeps_the_last_traceback_of_each_server_log(tmp_path):
 def test_short_soak_with_a_worker_killed(soak, tmp_path, demo_model_dir, monkeypatch):
     # fp32 workers: in bf16 (the default on CPUs with native bf16) oneDNN builds and caches a kernel
     # per new batch shape, ~160 MB in a worker's first minute under load: bounded by its caches, but
-    # more than this 24-s window's flatness limit can tell from a leak (an open item, see BENCHMARKS).
+    # more than this 24-s window's flatness limit can tell from a leak (an open item of issue #18).
     monkeypatch.setenv("HOTSWAP_DTYPE", "float32")
     out = tmp_path / "soak.json"
     report = soak.main(["--duration", "24", "--capacity-s", "9", "--input-len", "8", "--output-len", "4",
