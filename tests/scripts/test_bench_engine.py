@@ -139,6 +139,7 @@ def test_json_schema_mode_runs_both_sides_on_the_same_tokens(bench, demo_model_d
     assert plain["generated_tokens"] == saved["config"]["generated_tokens"] > 0
     assert set(plain["requests"]["finish_reasons"]) == {"length"}  # exactly the counts, EOS ignored
     assert mixed["grammars_compiled"] == saved["config"]["constrained"] == 2 and mixed["grammar_compile_s"] > 0
+    assert mixed["grammar_mask_s"] > 0 and mixed["grammar_accept_s"] > 0 and 0 < mixed["grammar_share"] < 1
     js = mixed["json"]
     assert js["constrained"] == 2 and js["parsed"] == js["ended_by_grammar"] <= 2
     runs = saved["runs_tokens_per_s"]
