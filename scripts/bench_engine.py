@@ -731,6 +731,10 @@ def benchmark_json_schema(args: argparse.Namespace, model_dir: Path) -> dict:
                   torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(), prompt_tokens=sum(lengths),
                   prompt_range=[min(lengths), max(lengths)], generated_tokens=sum(counts),
                   constrained=sum(c is not None for c in constraints))
+    if device.type == "cpu":
+        from worker.models.cpu_facts import cpu_facts
+
+        config["cpu"] = cpu_facts()
     ratio = mixed["tokens_per_s"] / plain["tokens_per_s"]
     return {"config": config, "engine": mixed, "engine_unconstrained": plain, "mixed_vs_unconstrained": ratio,
             "runs_tokens_per_s": tok_s,
