@@ -37,6 +37,12 @@ JSON_FORMAT = dict(any_whitespace=False, strict_mode=True)
 JSON_OBJECT_SCHEMA = '{"type":"object"}'
 JSON_OBJECT_FORMAT = dict(any_whitespace=True, strict_mode=True)
 
+# xgrammar 0.2.9 writes the characters of a string with minLength/maxLength as [^"\\\r\n]: raw tabs and other
+# control characters pass (JSON forbids them inside strings: json.loads refuses the output) and escapes
+# do not. The same class without control characters, as its unbounded strings already have it.
+_LOOSE_CHARS = r'[^\"\\\r\n]'
+_JSON_CHARS = r'[^\0-\x1f\"\\]'
+
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: "; the rest is the readable part.
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
 
@@ -53,6 +59,14 @@ def unsupported_message(exc: Exception) -> str:
     return " ".join(line for line in lines if line) or type(exc).__name__
 
 
+def json_schema_grammar(schema: str):
+    """The xgrammar.Grammar of a schema (canonical JSON text), strings without raw control characters."""
+    xgr = _xgr()
+    grammar = xgr.Grammar.from_json_schema(schema, **JSON_FORMAT)
+    text = str(grammar)
+    return xgr.Grammar.from_ebnf(text.replace(_LOOSE_CHARS, _JSON_CHARS)) if _LOOSE_CHARS in text else grammar
+
+
 def check_json_schema(schema: dict | str) -> GuidedSpec:
     """The schema as a GuidedSpec, or ValueError naming what is wrong or unsupported ("the JSON schema
     cannot be enforced: Regex parsing error at position 3: Lookbehind is not supported yet."). Needs
@@ -60,7 +74,7 @@ def check_json_schema(schema: dict | str) -> GuidedSpec:
     xgrammar refuses what it cannot enforce. Keywords it does not know are ignored, not refused."""
     spec = GuidedSpec.json_schema(schema)  # ValueError: not a JSON object, not JSON, too large
     try:
-        _xgr().Grammar.from_json_schema(spec.schema, **JSON_FORMAT)
+        json_schema_grammar(spec.schema)
     except Exception as exc:  # xgrammar raises RuntimeError (and its own errors) from C++
         raise ValueError(f"the JSON schema cannot be enforced: {unsupported_message(exc)}") from None
     return spec
@@ -112,7 +126,7 @@ class GrammarCompiler:
             if spec.kind == "json_object":
                 grammar = compiler.compile_json_schema(JSON_OBJECT_SCHEMA, **JSON_OBJECT_FORMAT)
             else:
-                grammar = compiler.compile_json_schema(spec.schema, **JSON_FORMAT)
+                grammar = compiler.compile_grammar(json_schema_grammar(spec.schema))
         except Exception as exc:  # RuntimeError from xgrammar's C++ side
             raise ValueError(f"the JSON schema cannot be enforced: {unsupported_message(exc)}") from None
         self.compile_s += time.perf_counter() - start
