@@ -14,6 +14,7 @@ ratio engine / transformers of generated tokens per second.
     python scripts/bench_engine.py --no-prefix-caching      # the engine with prefix caching off
     python scripts/bench_engine.py --prefix-overhead --skip-hf  # caching on vs off where nothing is shared
     python scripts/bench_engine.py --shared-prefix [--quick] # prefix caching on vs off vs transformers
+    python scripts/bench_engine.py --json-schema [--quick]  # half the requests JSON-schema constrained vs none
 
 `--shared-prefix` is its own workload: 128 requests over 4 system prompts of 600-1,200 tokens, each
 with its own 16-64 token suffix and 16-64 output tokens, on the base and 4 adapters; the engine with
@@ -21,6 +22,17 @@ prefix caching, the same engine with it off, and transformers + PEFT static batc
 (throughput, the ratio cache/off, the hit rate), then a sample of the same prompts is sent one at a
 time to each engine (median TTFT, cache against off; the caching engine has seen each system prompt
 once before the sample, but not the sampled prompts themselves).
+
+`--json-schema` is its own workload on a model with a tokenizer (the demo model): chat prompts asking
+for JSON, every other request constrained by its own random JSON schema (scripts/benchkit/json_schemas.py;
+compiled when it is added, inside the timed run), greedy; constrained requests end where their JSON
+ends, the others generate max_tokens. The same requests then run with no constraint at all, each
+generating exactly as many tokens as it did constrained (EOS ignored): the same steps and batch sizes,
+so the ratio of generated tokens/s, mixed / unconstrained, is what the grammars cost (goal >= 0.85x).
+An unmeasured constrained run first gives those token counts and warms the step shapes; then the two
+alternate (unconstrained, constrained, three times each, so a drift of the machine falls on both) and
+the ratio is of each side's best run (other load on the machine only ever slows a run down, so the best
+is the least disturbed). The prefix cache is emptied and the grammars forgotten before each run.
 
 The default model is the demo model (`hotswap models fetch-demo`). `--random-model` writes a
 random-init model to a temp dir first (no tokenizer needed: prompts are token ids), or to
@@ -223,18 +235,23 @@ def peek_step(engine) -> tuple[bool, int, int]:
     return decode_only, sum(s.num_tokens for s in running), len(running)
 
 
-def drive_engine(engine, workload: Workload) -> dict:
-    """Add every request at t=0 and step until all finish, timing each step."""
+def drive_engine(engine, workload: Workload, params: list | None = None) -> dict:
+    """Add every request at t=0 and step until all finish, timing each step. Default: greedy, EOS
+    ignored, exactly max_tokens each; `params` (SamplingParams per request) replaces that, and then the
+    counts, texts and finish reasons are only reported, not checked."""
     from worker.engine.sampling_params import SamplingParams
 
     device = engine.device
+    exact = params is None
+    if exact:
+        params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in workload.max_tokens]
     synchronize(device)
     start = time.perf_counter()
     adapters = workload.adapters or [None] * len(workload.prompts)
-    ids = [engine.add_request(p, SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True), adapter=a)
-           for p, m, a in zip(workload.prompts, workload.max_tokens, adapters)]
+    ids = [engine.add_request(p, sp, adapter=a) for p, sp, a in zip(workload.prompts, params, adapters)]
     index = {rid: i for i, rid in enumerate(ids)}
     counts, ttft, cached = [0] * len(ids), [0.0] * len(ids), [0] * len(ids)
+    texts, finish = [""] * len(ids), [None] * len(ids)
     step_s, decode_s, decode_ctx, decode_batch = [], [], [], []
     while engine.has_unfinished():
         decode_only, ctx, batch = peek_step(engine)
@@ -252,12 +269,15 @@ def drive_engine(engine, workload: Workload) -> dict:
                 ttft[i] = t1 - start
             counts[i] += len(out.new_token_ids)
             cached[i] = out.num_cached_tokens
+            texts[i] += out.text
+            finish[i] = out.finish_reason
     synchronize(device)
     wall = time.perf_counter() - start
-    if counts != workload.max_tokens:
+    if exact and counts != workload.max_tokens:
         raise RuntimeError("the engine did not generate exactly max_tokens for every request")
     return {"wall": wall, "counts": counts, "ttft": ttft, "step_s": step_s, "decode_s": decode_s,
-            "decode_ctx": decode_ctx, "decode_batch": decode_batch, "cached": cached}
+            "decode_ctx": decode_ctx, "decode_batch": decode_batch, "cached": cached, "texts": texts,
+            "finish_reasons": finish}
 
 
 def cpu_tuning_options() -> dict:
@@ -292,15 +312,16 @@ def make_engine(model_dir: Path, max_in_flight: int, device: torch.device, dtype
 def run_engine(model_dir: Path, workload: Workload, max_in_flight: int, device: torch.device,
                dtype: torch.dtype, adapters: list[tuple[str, Path]] = (), engine=None,
                bandwidth: float | None = None, spec_bandwidth: float | None = None,
-               prefix_caching: bool = True) -> dict:
+               prefix_caching: bool = True, params: list | None = None) -> dict:
     """One workload through the engine; pass `engine` to reuse a loaded one (it is then kept). With a
-    `bandwidth` (bytes/s) the report has the decode bandwidth floor (and with `spec_bandwidth` a second one)."""
+    `bandwidth` (bytes/s) the report has the decode bandwidth floor (and with `spec_bandwidth` a second one).
+    With `params` (see drive_engine) the report also has each request's output count, text and finish reason."""
     t_load = time.perf_counter()
     own = engine is None
     engine = engine or make_engine(model_dir, max_in_flight, device, dtype, adapters, prefix_caching)
     load_s = time.perf_counter() - t_load
     usage = cpu_usage()
-    run = drive_engine(engine, workload)
+    run = drive_engine(engine, workload, params)
     others = other_cpu_share(usage, cpu_usage())
     steps, decode = run["step_s"], run["decode_s"]
     report = {
@@ -325,6 +346,8 @@ def run_engine(model_dir: Path, workload: Workload, max_in_flight: int, device: 
         "decode_floor": (decode_bandwidth_floor(engine, run, bandwidth, spec_bandwidth)
                          if bandwidth and decode else None),
     }
+    if params is not None:
+        report["requests"] = {"counts": run["counts"], "texts": run["texts"], "finish_reasons": run["finish_reasons"]}
     if own:
         del engine
         release_memory(device)
@@ -572,6 +595,215 @@ def print_shared_prefix_report(report: dict) -> None:
         console.print("[yellow]note: other processes took " + ", ".join(f"{s:.0%} during the {n} run" for n, s in shares)
                       + f" (of {os.cpu_count()} CPUs): timings are skewed[/yellow]")
 
+# -- --json-schema: structured outputs ------------------------------------------------------------
+
+# Workload sizes of --json-schema (full, and with --quick): requests (every other one constrained) and
+# the per-request max_tokens range.
+JSON_SCHEMA = dict(num_requests=64, min_tokens=32, max_tokens=128)
+JSON_SCHEMA_QUICK = dict(num_requests=16, min_tokens=16, max_tokens=64)
+JSON_SCHEMA_GOAL = 0.85  # generated tok/s: half constrained / none constrained
+JSON_SCHEMA_PAIRS = 3  # measured runs of each side, alternating
+
+
+def make_json_schema_workload(tokenizer, num_requests: int, token_range: tuple[int, int],
+                              seed: int) -> tuple[Workload, list[dict | None]]:
+    """Seeded: one random schema per request and a chat prompt asking for JSON with its fields; every
+    other request (the first, third, ...) keeps its schema as its constraint. Returns the workload and
+    the constraints (None: unconstrained)."""
+    from benchkit.json_schemas import prompt_for, random_schemas
+
+    rng = random.Random(seed)
+    schemas = random_schemas(num_requests, seed)
+    prompts = [tokenizer.encode_chat([{"role": "user", "content": prompt_for(s)}]) for s in schemas]
+    max_tokens = [rng.randint(*token_range) for _ in schemas]
+    return Workload(prompts, max_tokens), [s if i % 2 == 0 else None for i, s in enumerate(schemas)]
+
+
+def json_schema_params(workload: Workload, constraints: list[dict | None]) -> list:
+    """Greedy; a constrained request ends where its JSON ends (or at max_tokens), the others ignore EOS."""
+    from hotswap.structured import GuidedSpec
+    from worker.engine.sampling_params import SamplingParams
+
+    return [SamplingParams(max_tokens=m, temperature=0.0, guided=GuidedSpec.json_schema(c)) if c is not None
+            else SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
+            for m, c in zip(workload.max_tokens, constraints)]
+
+
+def exact_params(counts: list[int]) -> list:
+    """Unconstrained, greedy, EOS ignored: exactly counts[i] tokens for request i."""
+    from worker.engine.sampling_params import SamplingParams
+
+    return [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in counts]
+
+
+def json_outputs(requests: dict, constraints: list[dict | None]) -> dict:
+    """Of the constrained requests: how many their grammar ended (the rest hit max_tokens), and how many
+    of those parse as a JSON object."""
+    ended = [t for t, f, c in zip(requests["texts"], requests["finish_reasons"], constraints)
+             if c is not None and f == "stop"]
+
+    def parses(text: str) -> bool:
+        try:
+            return isinstance(json.loads(text), dict)
+        except ValueError:
+            return False
+
+    return {"constrained": sum(c is not None for c in constraints), "ended_by_grammar": len(ended),
+            "parsed": sum(map(parses, ended))}
+
+
+@contextlib.contextmanager
+def grammar_timer():
+    """Seconds spent, while inside, masking logits (sampler.apply_grammar_) and feeding tokens to the
+    matchers (LLMEngine._grammar_ends): the grammars' own work in the steps, measured directly. The
+    tok/s ratio carries the machine's noise; this does not, or much less."""
+    from worker.engine import sampler
+    from worker.engine.engine import LLMEngine
+
+    spent = {"mask_s": 0.0, "accept_s": 0.0}
+    mask, ends = sampler.apply_grammar_, LLMEngine.__dict__["_grammar_ends"]
+
+    def timed(fn, key):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - start
+        return wrapper
+
+    sampler.apply_grammar_ = timed(mask, "mask_s")
+    LLMEngine._grammar_ends = staticmethod(timed(ends.__func__, "accept_s"))
+    try:
+        yield spent
+    finally:
+        sampler.apply_grammar_ = mask
+        LLMEngine._grammar_ends = ends
+
+
+def benchmark_json_schema(args: argparse.Namespace, model_dir: Path) -> dict:
+    """One engine: an unmeasured constrained run (token counts, warm shapes), then, alternating, the same
+    requests with no constraint generating those counts and the constrained run again (grammars compiled
+    anew each time). The table shows each side's fastest run; the ratio is of those."""
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    t_load = time.perf_counter()
+    engine = make_engine(model_dir, args.max_in_flight, device, dtype, prefix_caching=not args.no_prefix_caching)
+    load_s = time.perf_counter() - t_load
+    if engine.tokenizer is None:
+        raise SystemExit("--json-schema needs a model dir with a tokenizer (grammars are over its vocabulary)")
+    engine.grammar.warm()  # xgrammar and the vocabulary tables, once per engine: not part of any run
+    workload, constraints = make_json_schema_workload(engine.tokenizer, args.num_requests,
+                                                      (args.min_tokens, args.max_tokens), args.seed)
+    mixed_params = json_schema_params(workload, constraints)
+    grammar = engine.grammar
+    engine.reset_prefix_cache()
+    counts = drive_engine(engine, workload, mixed_params)["counts"]
+    tok_s: dict[str, list[float]] = {"unconstrained": [], "constrained": []}
+    best: dict[str, dict] = {}
+    same_counts = True
+    for _ in range(JSON_SCHEMA_PAIRS):
+        engine.reset_prefix_cache()
+        plain = run_engine(model_dir, workload, args.max_in_flight, device, dtype, engine=engine,
+                           params=exact_params(counts))
+        engine.reset_prefix_cache()
+        grammar.clear()  # each constrained run compiles its schemas, as fresh requests would
+        compile_s, misses = grammar.compile_s, grammar.misses
+        with grammar_timer() as spent:
+            mixed = run_engine(model_dir, workload, args.max_in_flight, device, dtype, engine=engine,
+                               params=mixed_params)
+        mixed.update(grammar_compile_s=grammar.compile_s - compile_s, grammars_compiled=grammar.misses - misses,
+                     grammar_mask_s=spent["mask_s"], grammar_accept_s=spent["accept_s"])
+        mixed["grammar_share"] = (mixed["grammar_compile_s"] + spent["mask_s"] + spent["accept_s"]) / mixed["wall_s"]
+        same_counts &= mixed["requests"]["counts"] == counts
+        for side, run in (("unconstrained", plain), ("constrained", mixed)):
+            tok_s[side].append(run["tokens_per_s"])
+            if side not in best or run["tokens_per_s"] > best[side]["tokens_per_s"]:
+                best[side] = run
+    plain, mixed = best["unconstrained"], best["constrained"]
+    mixed.update(load_s=load_s, grammar_setup_s=grammar.setup_s, json=json_outputs(mixed["requests"], constraints),
+                 same_counts_as_unmeasured_run=same_counts)
+    del engine
+    release_memory(device)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    lengths = [len(p) for p in workload.prompts]
+    config.update(model_dir=str(model_dir), model_name=model_dir.name, device=str(device), dtype=dtype_name(dtype),
+                  torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(), prompt_tokens=sum(lengths),
+                  prompt_range=[min(lengths), max(lengths)], generated_tokens=sum(counts),
+                  constrained=sum(c is not None for c in constraints))
+    if device.type == "cpu":
+        from worker.models.cpu_facts import cpu_facts
+
+        config["cpu"] = cpu_facts()
+    ratio = mixed["tokens_per_s"] / plain["tokens_per_s"]
+    return {"config": config, "engine": mixed, "engine_unconstrained": plain, "mixed_vs_unconstrained": ratio,
+            "runs_tokens_per_s": tok_s,
+            "goals": {"mixed_vs_unconstrained": {"goal": JSON_SCHEMA_GOAL, "value": ratio,
+                                                 "met": ratio >= JSON_SCHEMA_GOAL}}}
+
+
+def render_json_schema_table(report: dict):
+    from rich.table import Table
+
+    cfg, mixed, plain = report["config"], report["engine"], report["engine_unconstrained"]
+    table = Table(title=f"{cfg['model_name']} on {cfg['device']} ({cfg['dtype']}), structured outputs (each side's "
+                        "fastest run): "
+                        f"{cfg['num_requests']} requests, every other one ({cfg['constrained']}) constrained by its own "
+                        f"random JSON schema, greedy; chat prompts {cfg['prompt_range'][0]}..{cfg['prompt_range'][1]} "
+                        f"tokens, max_tokens {cfg['min_tokens']}..{cfg['max_tokens']}; the unconstrained run "
+                        f"generates exactly the tokens each request did constrained; seed {cfg['seed']}")
+    table.add_column("")
+    table.add_column(f"none constrained\n(<= {cfg['max_in_flight']} in flight)", justify="right")
+    table.add_column(f"half constrained\n(<= {cfg['max_in_flight']} in flight)", justify="right")
+    js = mixed["json"]
+    rows = [
+        ("wall time (s)", _fmt(plain["wall_s"]), _fmt(mixed["wall_s"])),
+        ("generated tokens", _fmt(plain["generated_tokens"], "d"), _fmt(mixed["generated_tokens"], "d")),
+        ("generated tokens/s", _fmt(plain["tokens_per_s"], ".1f"), _fmt(mixed["tokens_per_s"], ".1f")),
+        ("steps", _fmt(plain["steps"], "d"), _fmt(mixed["steps"], "d")),
+        ("mean step (ms)", _fmt(plain["mean_step_ms"]), _fmt(mixed["mean_step_ms"])),
+        ("mean decode step (ms)", _fmt(plain["mean_decode_step_ms"]), _fmt(mixed["mean_decode_step_ms"])),
+        ("mean / max TTFT (s)", f"{plain['mean_ttft_s']:.2f} / {plain['max_ttft_s']:.2f}",
+         f"{mixed['mean_ttft_s']:.2f} / {mixed['max_ttft_s']:.2f}"),
+        ("schemas compiled in the run (ms)", "-",
+         f"{mixed['grammars_compiled']} ({1e3 * mixed['grammar_compile_s']:.0f} ms)"),
+        ("masking logits / feeding matchers (ms)", "-",
+         f"{1e3 * mixed['grammar_mask_s']:.0f} / {1e3 * mixed['grammar_accept_s']:.0f}"),
+        ("grammar work / wall time", "-", f"{mixed['grammar_share']:.1%}"),
+        ("constrained: ended by the grammar / parsed", "-",
+         f"{js['ended_by_grammar']} of {js['constrained']} / {js['parsed']}"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    table.add_section()
+    runs = report["runs_tokens_per_s"]
+    table.add_row(f"tok/s of the {len(runs['constrained'])} runs each, alternating",
+                  ", ".join(f"{v:.1f}" for v in runs["unconstrained"]), ", ".join(f"{v:.1f}" for v in runs["constrained"]))
+    table.add_row("[bold]half constrained / none constrained, best tok/s[/bold]", "",
+                  f"[bold]{report['mixed_vs_unconstrained']:.2f}x[/bold]")
+    return table
+
+
+def print_json_schema_report(report: dict) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.print(render_json_schema_table(report))
+    mixed = report["engine"]
+    console.print(f"xgrammar setup, once per engine before the runs (import, tokenizer tables): "
+                  f"{mixed['grammar_setup_s']:.2f} s")
+    goal = report["goals"]["mixed_vs_unconstrained"]
+    verdict = "[green]met[/green]" if goal["met"] else "[red]not met[/red]"
+    console.print(f"goal half constrained / none constrained >= {goal['goal']:.2f}x: {goal['value']:.2f}x {verdict}")
+    if not mixed["same_counts_as_unmeasured_run"]:
+        console.print("[yellow]note: the measured constrained run generated other token counts than the first "
+                      "one (greedy near-ties): the two sides did not do exactly the same work[/yellow]")
+    shares = [(name, report[key]["other_cpu_share"]) for name, key in (("unconstrained", "engine_unconstrained"),
+              ("constrained", "engine")) if report[key]["other_cpu_share"] is not None]
+    if any(share > 0.1 for _, share in shares):
+        console.print("[yellow]note: other processes took " + ", ".join(f"{s:.0%} during the {n} run" for n, s in shares)
+                      + f" (of {os.cpu_count()} CPUs): timings are skewed[/yellow]")
+
 
 # -- report ---------------------------------------------------------------------------------------
 
@@ -710,8 +942,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-system-prompts", type=int, default=None, help="--shared-prefix: system prompts (4)")
     p.add_argument("--min-system", type=int, default=None, help="--shared-prefix: shortest system prompt (600)")
     p.add_argument("--max-system", type=int, default=None, help="--shared-prefix: longest system prompt (1200)")
+    p.add_argument("--json-schema", action="store_true",
+                   help="structured outputs (see above; a model with a tokenizer): half the requests JSON-schema "
+                        "constrained vs the same requests unconstrained (--num-requests, --min/--max-tokens override "
+                        "its sizes: 64, 32..128; --quick 16, 16..64)")
     args = p.parse_args(argv)
-    if args.shared_prefix:  # its own sizes, where not given on the command line
+    if args.json_schema and (args.shared_prefix or args.adapters or args.prefix_overhead or args.random_model):
+        p.error("--json-schema runs its own workload on a model with a tokenizer: no --shared-prefix, --adapters, "
+                "--prefix-overhead or --random-model")
+    if args.json_schema:  # its own sizes, where not given on the command line
+        for name, value in (JSON_SCHEMA_QUICK if args.quick else JSON_SCHEMA).items():
+            if getattr(args, name) == p.get_default(name):
+                setattr(args, name, value)
+    elif args.shared_prefix:  # its own sizes, where not given on the command line
         for name, value in (SHARED_PREFIX_QUICK if args.quick else SHARED_PREFIX).items():
             if getattr(args, name) in (None, p.get_default(name)):
                 setattr(args, name, value)
@@ -828,8 +1071,14 @@ def main(argv: list[str] | None = None) -> dict:
 
             model_dir = fetch_demo_model(log=lambda m: print(m, file=sys.stderr))
         args.adapter_dir = Path(tmp) / "adapters"
-        report = (benchmark_shared_prefix if args.shared_prefix else benchmark)(args, Path(model_dir))
-    (print_shared_prefix_report if args.shared_prefix else print_report)(report)
+        if args.json_schema:
+            report = benchmark_json_schema(args, Path(model_dir))
+        else:
+            report = (benchmark_shared_prefix if args.shared_prefix else benchmark)(args, Path(model_dir))
+    if args.json_schema:
+        print_json_schema_report(report)
+    else:
+        (print_shared_prefix_report if args.shared_prefix else print_report)(report)
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -119,3 +119,32 @@ def test_prefix_overhead_runs_both_settings_alternately(bench, tmp_path):
     assert abs(overhead["on_vs_off"] - mean(overhead["on_tokens_per_s"]) / mean(overhead["off_tokens_per_s"])) < 1e-9
     assert report["engine"]["prefix_caching"] is True  # the table shows the last run with caching on
     assert json.loads(out.read_text())["prefix_overhead"]["on_vs_off"] == overhead["on_vs_off"]
+
+
+def test_json_schema_workload_is_seeded_and_alternates_constraints(bench, demo_tokenizer):
+    workload, constraints = bench.make_json_schema_workload(demo_tokenizer, 6, (4, 8), seed=2)
+    assert (workload, constraints) == bench.make_json_schema_workload(demo_tokenizer, 6, (4, 8), seed=2)
+    assert [c is not None for c in constraints] == [True, False] * 3
+    assert all(4 <= m <= 8 for m in workload.max_tokens) and all(len(p) > 10 for p in workload.prompts)
+    assert len({str(c) for c in constraints if c is not None}) == 3  # a schema of its own each
+
+
+def test_json_schema_mode_runs_both_sides_on_the_same_tokens(bench, demo_model_dir, tmp_path):
+    out = tmp_path / "js.json"
+    report = bench.main(["--json-schema", "--model", str(demo_model_dir), "--num-requests", "4", "--min-tokens", "4",
+                         "--max-tokens", "8", "--device", "cpu", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    mixed, plain = saved["engine"], saved["engine_unconstrained"]
+    assert plain["requests"]["counts"] == mixed["requests"]["counts"] or not mixed["same_counts_as_unmeasured_run"]
+    assert plain["generated_tokens"] == saved["config"]["generated_tokens"] > 0
+    assert set(plain["requests"]["finish_reasons"]) == {"length"}  # exactly the counts, EOS ignored
+    assert mixed["grammars_compiled"] == saved["config"]["constrained"] == 2 and mixed["grammar_compile_s"] > 0
+    assert mixed["grammar_mask_s"] > 0 and mixed["grammar_accept_s"] > 0 and 0 < mixed["grammar_share"] < 1
+    js = mixed["json"]
+    assert js["constrained"] == 2 and js["parsed"] == js["ended_by_grammar"] <= 2
+    runs = saved["runs_tokens_per_s"]
+    assert len(runs["constrained"]) == len(runs["unconstrained"]) == bench.JSON_SCHEMA_PAIRS
+    assert max(runs["constrained"]) == mixed["tokens_per_s"] and max(runs["unconstrained"]) == plain["tokens_per_s"]
+    assert saved["mixed_vs_unconstrained"] == pytest.approx(mixed["tokens_per_s"] / plain["tokens_per_s"])
+    assert set(saved["goals"]) == {"mixed_vs_unconstrained"}
+    assert report["config"]["json_schema"] is True

@@ -27,6 +27,7 @@ from worker.engine.block_manager import BlockManager
 from worker.engine.config import EngineConfig
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.errors import AdapterError, RequestRejected
+from worker.engine.grammar import GrammarCompiler
 from worker.engine.logprobs import TokenLogprob, next_token_entries
 from worker.engine.model_runner import ModelRunner, PromptLogits
 from worker.engine.prefix_cache import PrefixCache, WeightsId
@@ -114,6 +115,7 @@ class LLMEngine:
         if self.tokenizer and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self._grammar: GrammarCompiler | None = None  # made on the first structured-output request
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._arrivals = itertools.count()
@@ -205,6 +207,15 @@ class LLMEngine:
         return self._full_id(seq.finetune), None if seq.adapter is None else self._adapter_id(seq.adapter)
 
     @property
+    def grammar(self) -> GrammarCompiler:
+        """The structured-output compiler (made now if needed; xgrammar loads on its first compile)."""
+        if self.tokenizer is None:
+            raise RequestRejected("structured outputs need a tokenizer, and this model dir has none")
+        if self._grammar is None:
+            self._grammar = GrammarCompiler(self.config.model, self.model_config.vocab_size, self.eos_token_ids)
+        return self._grammar
+
+    @property
     def adapters(self) -> list[str]:
         return sorted(set(self._adapters) - self._retired)
 
@@ -239,11 +250,22 @@ class LLMEngine:
                 f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"maximum context length of {self.max_model_len} tokens"
             )
+        matcher = None
+        if params.guided is not None:
+            # Compiled here, before the sequence reaches the batcher, on the thread that drives step():
+            # a cache hit costs microseconds and a new schema a few ms (the first request also loads
+            # xgrammar and the tokenizer tables, ~1-3 s once; GrammarCompiler.warm() does it ahead). A
+            # background compile would need a "grammar pending" state in the batcher for little gain
+            # at these costs. An unsupported schema is refused here, before it takes any KV.
+            try:
+                matcher = self.grammar.matcher(params.guided)
+            except ValueError as exc:
+                raise RequestRejected(str(exc)) from None
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         seq = Sequence(request_id, token_ids, params, next(self._arrivals), generator=generator,
-                       adapter=adapter, finetune=finetune)
+                       adapter=adapter, finetune=finetune, matcher=matcher)
         self._seqs[request_id] = seq
         if self.tokenizer is not None:
             self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
@@ -272,6 +294,7 @@ class LLMEngine:
         self._detok.pop(request_id, None)
         self.batcher.remove(seq)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+        seq.matcher = None
         return True
 
     def has_unfinished(self) -> bool:
@@ -344,7 +367,9 @@ class LLMEngine:
         detok = self._detok.get(seq.request_id)
         text, reason = "", None
         check_stop = len(seq.output_token_ids) >= params.min_tokens  # as vLLM: no stop before min_tokens
-        if check_stop and (not params.ignore_eos and token in self.eos_token_ids or token in params.stop_token_ids):
+        if seq.matcher is not None and self._grammar_ends(seq, token):
+            reason = "stop"  # the grammar took its stop token (EOS), even with ignore_eos
+        elif check_stop and (not params.ignore_eos and token in self.eos_token_ids or token in params.stop_token_ids):
             reason = "stop"
         elif detok is not None:
             text, hit_stop = detok.add(token, check_stop)
@@ -369,6 +394,13 @@ class LLMEngine:
         )
 
     @staticmethod
+    def _grammar_ends(seq: Sequence, token: int) -> bool:
+        """Feed the token to the sequence's matcher; whether the grammar has now ended."""
+        if not seq.matcher.accept_token(token):  # the mask allowed only tokens the matcher accepts
+            raise RuntimeError(f"request {seq.request_id}: token {token} was sampled against its grammar")
+        return seq.matcher.is_terminated()
+
+    @staticmethod
     def _take_prompt_logprobs(seq: Sequence) -> list[TokenLogprob | None] | None:
         """The prompt logprobs, the first time a request outputs anything (then None)."""
         if seq.params.prompt_logprobs is None or seq.prompt_logprobs_sent:
@@ -381,6 +413,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        seq.matcher = None
         self.batcher.remove(seq)
         self._seqs.pop(seq.request_id, None)
         self._detok.pop(seq.request_id, None)

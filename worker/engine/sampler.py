@@ -4,11 +4,12 @@ Order, per row:
 1. logprobs (if asked) from the raw logits: log_softmax in float32 of what the step produced
    (after the LoRA adapter), before anything below; see logprobs.py.
 2. penalties (repetition, frequency, presence) and min_tokens (EOS and stop tokens to -inf) change
-   the logits used for choosing; see penalties.py. Only rows that use them are touched.
+   the logits used for choosing; see penalties.py. Then a structured-output row's grammar sets every
+   token it forbids next to -inf (grammar.py). Only rows that use them are touched.
 3. Greedy rows take the argmax. Sampled rows apply temperature, top-k and top-p, then draw with the
    exponential race (argmax of p / E, E ~ Exp(1)), which equals sampling from p. A seeded request
    draws its noise from its own generator, so its tokens do not depend on what else is in the batch.
-A step where nobody asks for logprobs, penalties or min_tokens pays two list scans for them.
+A step where nobody asks for logprobs, penalties, min_tokens or a grammar pays three list scans for them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.engine.grammar import apply_grammar_
 from worker.engine.logprobs import TokenLogprob, entries, log_probs
 from worker.engine.penalties import ban_tokens_, penalize_
 from worker.engine.sequence import Sequence
@@ -48,11 +50,12 @@ def sample_step(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Colle
 
 
 def adjust_logits(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Collection[int]) -> torch.Tensor:
-    """Penalties and min_tokens on the rows that use them, in a copy; the input stays raw. Returns
-    the input itself when no row uses them."""
+    """Penalties, min_tokens and grammar masks on the rows that use them, in a copy; the input stays
+    raw. Returns the input itself when no row uses them."""
     rows = [i for i, s in enumerate(seqs)
             if s.params.has_penalties or len(s.output_token_ids) < s.params.min_tokens]
-    if not rows:
+    constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+    if not rows and not constrained:
         return logits
     adjusted = logits.clone()  # [num_seqs, vocab]
     pen = [i for i in rows if seqs[i].params.has_penalties]
@@ -61,7 +64,11 @@ def adjust_logits(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Col
         penalize_(adjusted, pen, [seqs[i].prompt_token_ids for i in pen], [seqs[i].output_token_ids for i in pen],
                   [p.presence_penalty for p in ps], [p.frequency_penalty for p in ps],
                   [p.repetition_penalty for p in ps])
-    return ban_tokens_(adjusted, rows, [_banned(seqs[i], eos_token_ids) for i in rows])
+    if rows:
+        ban_tokens_(adjusted, rows, [_banned(seqs[i], eos_token_ids) for i in rows])
+    if constrained:
+        apply_grammar_(adjusted, constrained, [seqs[i].matcher for i in constrained])
+    return adjusted
 
 
 def _banned(seq: Sequence, eos_token_ids: Collection[int]) -> list[int]:

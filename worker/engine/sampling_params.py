@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hotswap.structured import GuidedSpec
+
 MAX_LOGPROBS = 20  # top-k alternatives per position, as OpenAI's top_logprobs allows
 PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's range for presence_penalty and frequency_penalty
 
@@ -29,6 +31,9 @@ class SamplingParams:
     # Log-probabilities (logprobs.py), of the raw logits: None = off; k = the chosen token's plus the top k.
     logprobs: int | None = None  # per generated token
     prompt_logprobs: int | None = None  # per prompt token given its prefix (the first one has none)
+    # Structured output (grammar.py): the output must be a JSON object / match a JSON schema. The
+    # grammar decides where it ends (EOS is allowed only there); max_tokens may still cut it ("length").
+    guided: GuidedSpec | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -57,6 +62,12 @@ class SamplingParams:
             if value is not None and (_not_int(value) or not 0 <= value <= MAX_LOGPROBS):
                 raise ValueError(f"{name} must be None (off) or an integer in [0, {MAX_LOGPROBS}] "
                                  f"(how many top alternatives to return), got {value!r}")
+        if self.guided is not None:
+            if not isinstance(self.guided, GuidedSpec):
+                raise ValueError(f"guided must be a GuidedSpec (hotswap.structured), got {type(self.guided).__name__}")
+            if self.min_tokens:  # it would forbid EOS where the grammar allows nothing else
+                raise ValueError("min_tokens cannot be combined with a structured output: the grammar decides "
+                                 "where the output ends")
 
     @property
     def greedy(self) -> bool:

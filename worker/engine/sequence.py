@@ -44,6 +44,10 @@ class Sequence:
     # token; a recompute after preemption only adds the entries still missing.
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     prompt_logprobs_sent: bool = False  # handed out with the request's first output
+    # Structured output (SamplingParams.guided): an xgrammar.GrammarMatcher that has accepted every
+    # output token so far (so a recompute after preemption, which keeps the output, needs no rollback);
+    # None when unconstrained, and dropped when the sequence finishes or is aborted.
+    matcher: object | None = None
 
     def __post_init__(self):
         if self.params.prompt_logprobs is not None and not self.prompt_logprobs:
