@@ -95,7 +95,7 @@ async def respond(request: Request, body, kind: Kind, tenant: str):
     n = body.choices_per_prompt
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(request, fan, n, kind, response_id, include_usage),
+        return StreamingResponse(_sse(fan, n, kind, response_id, include_usage),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     results = await _wait(request, fan)
@@ -132,7 +132,7 @@ def _event(data: dict) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-async def _sse(request: Request, fan: FanOut, n: int, kind: Kind, response_id: str,
+async def _sse(fan: FanOut, n: int, kind: Kind, response_id: str,
                include_usage: bool) -> AsyncIterator[str]:
     """Chunks of every choice, interleaved as they come, each with its choice `index`; then one
     usage chunk (stream_options.include_usage) and [DONE] once all have finished. A failed choice
