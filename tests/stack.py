@@ -32,6 +32,10 @@ def stack_env(redis_url: str, storage_env: dict[str, str], model_dir: Path, cach
         "HOTSWAP_LEASE_S": "2",
         "HOTSWAP_HEARTBEAT_S": "0.4",
         "OMP_NUM_THREADS": "1",  # two workers on a 2-core machine: do not oversubscribe
+        # Fixed matmul paths, as the reference engines in tests use: measured ones may differ per
+        # process (noise, thread count), and oneDNN's fp32 GEMM rounds differently from MKL's, which
+        # flips greedy near-ties. The service must reproduce the engine; tuning has its own tests.
+        "HOTSWAP_CPU_TUNING": "off",
         "PYTHONUNBUFFERED": "1",
     })
     env.update({k: str(v) for k, v in overrides.items()})

@@ -35,7 +35,8 @@ def direct(live_stack, demo_model_dir):
     from worker.engine.engine import LLMEngine
     from worker.engine.sampling_params import SamplingParams
 
-    engine = LLMEngine(EngineConfig(model=demo_model_dir, device="cpu", max_loras=2, kv_cache_gb=0.1))
+    engine = LLMEngine(EngineConfig(model=demo_model_dir, device="cpu", max_loras=2, kv_cache_gb=0.1,
+                                  cpu_tuning="off"))  # the workers' matmul paths: see tests/stack.py
     engine.register_adapter("support-bot", live_stack.adapter_dir)
 
     def run(prompts: list[list[int]], adapters: list[str | None], max_tokens: int) -> list[str]:

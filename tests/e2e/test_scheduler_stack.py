@@ -82,7 +82,8 @@ def test_mixed_adapters_match_the_engine_and_run_in_per_model_batches(
     from worker.engine.engine import LLMEngine
     from worker.engine.sampling_params import SamplingParams
 
-    engine = LLMEngine(EngineConfig(model=demo_model_dir, device="cpu", max_loras=4, kv_cache_gb=0.1))
+    engine = LLMEngine(EngineConfig(model=demo_model_dir, device="cpu", max_loras=4, kv_cache_gb=0.1,
+                                  cpu_tuning="off"))  # the workers' matmul paths: see tests/stack.py
     for name, (_, path) in registered_adapters.items():
         engine.register_adapter(name, path)
     names = [None if name == "base" else name for name in targets]

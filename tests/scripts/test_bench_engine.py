@@ -108,3 +108,14 @@ def test_shared_prefix_mode_runs_all_three_sides(bench, tmp_path):
 def test_no_prefix_caching_flag_reaches_the_engine(bench, tmp_path):
     report = bench.main(["--random-model", "llama3-tiny", "--skip-hf", "--no-prefix-caching", *TINY])
     assert report["engine"]["prefix_caching"] is False and report["engine"]["cached_prompt_tokens"] == 0
+
+
+def test_prefix_overhead_runs_both_settings_alternately(bench, tmp_path):
+    out = tmp_path / "o.json"
+    report = bench.main(["--random-model", "llama3-tiny", "--skip-hf", "--prefix-overhead", "--json", str(out), *TINY])
+    overhead = report["prefix_overhead"]
+    assert len(overhead["on_tokens_per_s"]) == len(overhead["off_tokens_per_s"]) == 2
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert abs(overhead["on_vs_off"] - mean(overhead["on_tokens_per_s"]) / mean(overhead["off_tokens_per_s"])) < 1e-9
+    assert report["engine"]["prefix_caching"] is True  # the table shows the last run with caching on
+    assert json.loads(out.read_text())["prefix_overhead"]["on_vs_off"] == overhead["on_vs_off"]

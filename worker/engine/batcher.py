@@ -8,6 +8,7 @@ lost, and greedy output is unchanged because recompute rebuilds the same KV).
 
 With a prefix cache, a sequence being admitted (new, or resuming after preemption) starts after its
 longest cached prefix: those blocks are shared, and the token budget counts only what is computed.
+A sequence that still needs prompt logprobs takes no cache hits: it computes every prompt position.
 """
 
 from __future__ import annotations
@@ -125,9 +126,12 @@ class Batcher:
             if self.prefix_cache:
                 if in_flight is None:
                     in_flight = self.prefix_cache.in_flight(self.running)
-                hits = self.prefix_cache.lookup(seq, in_flight)
-                if hits is None:
-                    continue
+                if seq.needs_prompt_logits:  # prompt logprobs need the logits of every prompt position
+                    self.prefix_cache.bind(seq)
+                else:
+                    hits = self.prefix_cache.lookup(seq, in_flight)
+                    if hits is None:
+                        continue
             cached = len(hits) * self.blocks.block_size  # a waiting sequence has nothing computed
             n = min(seq.num_tokens - cached, budget)
             if not self.blocks.can_allocate(seq.block_table, cached + n, hits):

@@ -27,9 +27,10 @@ from worker.engine.block_manager import BlockManager
 from worker.engine.config import EngineConfig
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.errors import AdapterError, RequestRejected
-from worker.engine.model_runner import ModelRunner
+from worker.engine.logprobs import TokenLogprob, next_token_entries
+from worker.engine.model_runner import ModelRunner, PromptLogits
 from worker.engine.prefix_cache import PrefixCache, WeightsId
-from worker.engine.sampler import sample
+from worker.engine.sampler import sample_step
 from worker.engine.sampling_params import SamplingParams
 from worker.engine.sequence import Sequence, SequenceStatus
 from worker.lora.layer import LoraRuntime
@@ -54,6 +55,11 @@ class RequestOutput:
     num_output_tokens: int
     logits: torch.Tensor | None = None  # [vocab] float32, only with SamplingParams.return_logits
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache at first admission
+    # With SamplingParams.logprobs: one entry per token in new_token_ids (None when not asked).
+    logprobs: list[TokenLogprob] | None = None
+    # With SamplingParams.prompt_logprobs: in the request's first output only, one entry per prompt
+    # token (aligned to its prompt token ids, the first entry None); None in every other output.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -65,6 +71,8 @@ class GenerationResult:
     finish_reason: str
     logits: list[torch.Tensor] = field(default_factory=list)  # per generated token, if asked for
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    logprobs: list[TokenLogprob] | None = None  # per generated token, with SamplingParams.logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (first None), if asked
 
 
 class LLMEngine:
@@ -223,6 +231,9 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise RequestRejected("stop strings need a tokenizer, and this model dir has none")
         token_ids = self._tokenize(prompt)
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise RequestRejected(f"stop_token_ids must be in [0, {vocab})")
         if len(token_ids) + params.max_tokens > self.max_model_len:
             raise RequestRejected(
                 f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
@@ -301,7 +312,10 @@ class LLMEngine:
         plan = self.batcher.plan()
         if not plan:
             return []
-        logits = self.runner.run(plan, self.blocks)  # [num_sampling, vocab]
+        out = self.runner.run(plan, self.blocks)
+        for part in out.prompt:
+            self._collect_prompt_logprobs(part)
+        logits = out.sampled  # [num_sampling, vocab]
         sampling = [c for c in plan.chunks if c.samples]
         for chunk in plan.chunks:
             computed_before = chunk.seq.num_computed_tokens
@@ -310,18 +324,30 @@ class LLMEngine:
                 self.prefix_cache.commit(chunk.seq, computed_before)
         if not sampling:
             return []
-        tokens = sample(logits, [c.seq for c in sampling])
-        return [self._append(c, t, logits[i]) for i, (c, t) in enumerate(zip(sampling, tokens))]
+        sampled = sample_step(logits, [c.seq for c in sampling], self.eos_token_ids)
+        return [self._append(c, t, logits[i], lp)
+                for i, (c, t, lp) in enumerate(zip(sampling, sampled.token_ids, sampled.logprobs))]
 
-    def _append(self, chunk: ScheduledChunk, token: int, logits: torch.Tensor) -> RequestOutput:
+    @staticmethod
+    def _collect_prompt_logprobs(part: PromptLogits) -> None:
+        seq, first, last = part.seq, part.positions.start, part.positions.stop
+        if first != len(seq.prompt_logprobs) - 1:  # the runner asks exactly for the next missing ones
+            raise RuntimeError(f"prompt logprobs of {seq.request_id} out of order: position {first} "
+                               f"after {len(seq.prompt_logprobs)} entries")
+        next_ids = seq.prompt_token_ids[first + 1:last + 1]  # logits at q score token q + 1
+        seq.prompt_logprobs += next_token_entries(part.logits, next_ids, seq.params.prompt_logprobs)
+
+    def _append(self, chunk: ScheduledChunk, token: int, logits: torch.Tensor,
+                logprob: TokenLogprob | None) -> RequestOutput:
         seq, params = chunk.seq, chunk.seq.params
         seq.output_token_ids.append(token)
         detok = self._detok.get(seq.request_id)
         text, reason = "", None
-        if not params.ignore_eos and token in self.eos_token_ids or token in params.stop_token_ids:
+        check_stop = len(seq.output_token_ids) >= params.min_tokens  # as vLLM: no stop before min_tokens
+        if check_stop and (not params.ignore_eos and token in self.eos_token_ids or token in params.stop_token_ids):
             reason = "stop"
         elif detok is not None:
-            text, hit_stop = detok.add(token)
+            text, hit_stop = detok.add(token, check_stop)
             reason = "stop" if hit_stop else None
         if reason is None and (len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
@@ -338,7 +364,20 @@ class LLMEngine:
             num_output_tokens=len(seq.output_token_ids),
             logits=logits.clone() if params.return_logits else None,
             num_cached_tokens=seq.num_cached_tokens or 0,
+            logprobs=None if logprob is None else [logprob],
+            prompt_logprobs=self._take_prompt_logprobs(seq),
         )
+
+    @staticmethod
+    def _take_prompt_logprobs(seq: Sequence) -> list[TokenLogprob | None] | None:
+        """The prompt logprobs, the first time a request outputs anything (then None)."""
+        if seq.params.prompt_logprobs is None or seq.prompt_logprobs_sent:
+            return None
+        if len(seq.prompt_logprobs) != len(seq.prompt_token_ids):
+            raise RuntimeError(f"prompt logprobs of {seq.request_id} incomplete: {len(seq.prompt_logprobs)} "
+                               f"of {len(seq.prompt_token_ids)}")
+        seq.prompt_logprobs_sent = True
+        return list(seq.prompt_logprobs)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
@@ -376,7 +415,9 @@ class LLMEngine:
         ids = [self.add_request(p, sp, adapter=a, finetune=f)
                for p, sp, a, f in zip(prompts, params, adapters, finetunes)]
         results = {
-            rid: GenerationResult(rid, self._seqs[rid].prompt_token_ids, [], "", "") for rid in ids
+            rid: GenerationResult(rid, self._seqs[rid].prompt_token_ids, [], "", "",
+                                  logprobs=None if sp.logprobs is None else [])
+            for rid, sp in zip(ids, params)
         }
         while self.has_unfinished():
             for out in self.step():
@@ -387,6 +428,10 @@ class LLMEngine:
                 res.text += out.text
                 if out.logits is not None:
                     res.logits.append(out.logits)
+                if out.logprobs is not None:
+                    res.logprobs += out.logprobs
+                if out.prompt_logprobs is not None:
+                    res.prompt_logprobs = out.prompt_logprobs
                 res.num_cached_tokens = out.num_cached_tokens
                 if out.finished:
                     res.finish_reason = out.finish_reason

@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from worker.engine.batcher import ScheduledChunk, StepPlan
 from worker.engine.block_manager import BlockManager
+from worker.engine.sequence import Sequence
 from worker.models.attention import AttentionMetadata
 from worker.models.llama import LlamaForCausalLM
+
+
+@dataclass
+class PromptLogits:
+    """Logits at the prompt positions of one chunk whose sequence asked for prompt logprobs."""
+
+    seq: Sequence
+    positions: range  # absolute positions; the logits at q score prompt token q + 1
+    logits: torch.Tensor  # [len(positions), vocab] float32
+
+
+@dataclass
+class StepLogits:
+    sampled: torch.Tensor  # [num_sampling_chunks, vocab] float32, in the order of plan.chunks that sample
+    prompt: list[PromptLogits] = field(default_factory=list)  # empty unless a sequence asked
 
 
 class ModelRunner:
@@ -32,11 +50,20 @@ class ModelRunner:
         return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan, blocks: BlockManager) -> torch.Tensor:
-        """Logits [num_sampling_chunks, vocab] float32, in the order of plan.chunks that sample."""
+    def run(self, plan: StepPlan, blocks: BlockManager) -> StepLogits:
+        """The sampling rows' logits, plus every needed prompt position's for sequences that asked for
+        prompt logprobs (see Sequence.prompt_logit_positions)."""
         input_ids, positions, slots, sample_rows, lora_slots = [], [], [], [], []
+        prompt_rows: list[int] = []
+        prompt_parts: list[tuple[Sequence, range]] = []
         for chunk in plan.chunks:
             seq, start = chunk.seq, chunk.seq.num_computed_tokens
+            if seq.needs_prompt_logits:
+                wanted = seq.prompt_logit_positions(start, chunk.num_tokens)
+                if wanted:
+                    first_row = len(input_ids) + wanted.start - start
+                    prompt_rows += range(first_row, first_row + len(wanted))
+                    prompt_parts.append((seq, wanted))
             for pos in range(start, start + chunk.num_tokens):
                 input_ids.append(seq.token_at(pos))
                 positions.append(pos)
@@ -57,7 +84,15 @@ class ModelRunner:
         )
         hidden = self.model(self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), self.kv_caches, meta)
         # Only the rows that pick a token need the (large) vocab projection.
-        return self.model.compute_logits(hidden[self._tensor(sample_rows, torch.int64)])
+        out = StepLogits(self.model.compute_logits(hidden[self._tensor(sample_rows, torch.int64)]))
+        if prompt_rows:
+            # A separate projection: the sampling rows go through the same path whoever else asked.
+            logits = self.model.compute_logits(hidden[self._tensor(prompt_rows, torch.int64)])  # [rows, vocab]
+            offset = 0
+            for seq, wanted in prompt_parts:
+                out.prompt.append(PromptLogits(seq, wanted, logits[offset:offset + len(wanted)]))
+                offset += len(wanted)
+        return out
 
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)

@@ -31,9 +31,7 @@ class PrefixCache:
         last token is never covered, so there are always logits to sample from. None: the next
         block is one of `in_flight` (being computed by another sequence), so better wait a step or
         two and hit it than compute it twice."""
-        weights = self._weights_of(seq)
-        if weights != seq.weights_id:
-            seq.weights_id, seq.block_hashes = weights, []
+        weights = self.bind(seq)
         hits: list[int] = []
         if self._is_retired(weights):
             return hits
@@ -44,6 +42,15 @@ class PrefixCache:
                 return None if key in in_flight else hits
             hits.append(block)
         return hits
+
+    def bind(self, seq: Sequence) -> WeightsId:
+        """Key the sequence under the weights it runs on now, without looking anything up: its
+        blocks are still registered as they fill (a request that needs every prompt position's
+        logits computes them all, but others may reuse its blocks)."""
+        weights = self._weights_of(seq)
+        if weights != seq.weights_id:
+            seq.weights_id, seq.block_hashes = weights, []
+        return weights
 
     def in_flight(self, seqs: list[Sequence]) -> set[bytes]:
         """Keys of the full prompt blocks these (running) sequences have yet to compute."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from worker.engine.logprobs import TokenLogprob
 from worker.engine.sampling_params import SamplingParams
 
 
@@ -38,6 +39,15 @@ class Sequence:
     weights_id: tuple[str, str | None] | None = None
     block_hashes: list[bytes] = field(default_factory=list)
     num_cached_tokens: int | None = None
+    # Prompt logprobs (SamplingParams.prompt_logprobs), collected across prefill chunks: entry p is
+    # prompt token p given tokens [0, p); entry 0 is None. Complete once it has one entry per prompt
+    # token; a recompute after preemption only adds the entries still missing.
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False  # handed out with the request's first output
+
+    def __post_init__(self):
+        if self.params.prompt_logprobs is not None and not self.prompt_logprobs:
+            self.prompt_logprobs = [None]
 
     @property
     def num_tokens(self) -> int:
@@ -46,6 +56,20 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Whether prompt positions still need their logits (so its prefill must compute them all)."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
+
+    def prompt_logit_positions(self, start: int, num_tokens: int) -> range:
+        """Positions in [start, start + num_tokens) whose logits give prompt logprobs not yet collected:
+        the logits at position q score prompt token q + 1."""
+        if not self.needs_prompt_logits:
+            return range(0)
+        lo = max(len(self.prompt_logprobs) - 1, start)
+        hi = min(start + num_tokens, len(self.prompt_token_ids) - 1)
+        return range(lo, max(lo, hi))
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without joining the two lists."""

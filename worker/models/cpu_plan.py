@@ -1,7 +1,8 @@
 """Which CPU matmul path runs a weight of one shape at each decode row count: a pure choice from
 measured timings (cpu_tuning.py measures them).
 
-A path is "plain" (F.linear) or "packed" (MKL's packed-weight GEMM, fp32 only), each run either
+A path is "plain" (F.linear), "packed" (MKL's packed-weight GEMM, fp32 only) or "onednn" (oneDNN's
+GEMM on its reordered weight, fp32 and bf16), each run either
 at the batch's own row count or with the input zero-padded up to a larger measured row count
 that is cheaper (some CPUs' GEMMs cost more at 13 rows than at 16). Row counts are measured at
 ROW_BUCKETS; a row count between two buckets takes the next bucket's choice (padded to that
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-PATHS = ("plain", "packed")
+PATHS = ("plain", "packed", "onednn")
 DEFAULT = "plain"
 # Decode row counts measured: every one up to 16 (where GEMM kernels differ most by row count),
 # then coarser.
@@ -30,7 +31,7 @@ Timings = Mapping[str, Mapping[int, float]]  # path -> row count -> seconds (med
 
 @dataclass(frozen=True)
 class Choice:
-    path: str  # "plain" | "packed"
+    path: str  # "plain" | "packed" | "onednn"
     pad_to: int | None = None  # run with the input padded to this many rows; None: at its own
 
     def __str__(self) -> str:

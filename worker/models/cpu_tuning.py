@@ -2,8 +2,8 @@
 
 At engine load (CPU only) every distinct projection shape of the model ([out, in] of q/k/v, o,
 gate/up, down and the logits head) is timed on the decode row counts up to max_num_seqs
-(cpu_plan.buckets_for) through each candidate path: plain F.linear, and MKL's packed GEMM for
-fp32. Padded runs need no timing of their own: padding r rows to c costs what c rows cost.
+(cpu_plan.buckets_for) through each candidate path: plain F.linear, MKL's packed GEMM for
+fp32, and oneDNN's GEMM on its reordered weight (fp32 and bf16). Padded runs need no timing of their own: padding r rows to c costs what c rows cost.
 Calls are interleaved (every cell once per pass, so a noisy neighbour slows all candidates
 alike), cycle through the layers' weights of a shape (cold caches, as in a real step, not one
 weight hot in L2), and the median of at least MIN_REPEATS passes after a warm-up counts; passes
@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from worker.models import cpu_tuning_store as store
-from worker.models.cpu_linear import PackedWeight, mkl_packing_available
-from worker.models.cpu_plan import DEFAULT, buckets_for, choose, describe, fixed_plan, row_table
+from worker.models.cpu_linear import ONEDNN_DTYPES, PackedWeight, mkl_packing_available, onednn_available
+from worker.models.cpu_plan import DEFAULT, Choice, buckets_for, choose, describe, fixed_plan, row_table
 
 log = logging.getLogger("hotswap.worker.cpu_tuning")
 
@@ -46,7 +45,12 @@ def group_sites(sites: list[Site]) -> dict[tuple[int, int], list[Site]]:
 
 
 def candidate_paths(dtype: torch.dtype) -> tuple[str, ...]:
-    return (DEFAULT, "packed") if dtype == torch.float32 and mkl_packing_available() else (DEFAULT,)
+    paths = [DEFAULT]
+    if dtype == torch.float32 and mkl_packing_available():
+        paths.append("packed")
+    if dtype in ONEDNN_DTYPES and onednn_available():
+        paths.append("onednn")
+    return tuple(paths)
 
 
 @torch.inference_mode()
@@ -69,15 +73,11 @@ def measure(groups: dict[tuple[int, int], list[Site]], buckets: tuple[int, ...],
         turn[shape] += 1
         x = inputs[(shape[1], rows)]
         start = time.perf_counter()
-        if path == "packed":
-            packed.packed_linear(x, weight)
-        else:
-            F.linear(x, weight)
+        packed.run(Choice(path), x, weight)
         return time.perf_counter() - start
 
-    for cell in cells:
-        if cell[2] in (buckets[0], buckets[-1]):  # warm-up: packs, allocator, OpenMP team, MKL's kernels
-            run(cell)
+    for cell in cells:  # warm-up: packs, allocator, OpenMP team, and oneDNN's bf16 kernels, JIT-built per shape
+        run(cell)
     start = time.perf_counter()
     for repeat in range(MAX_REPEATS):
         for cell in cells:
@@ -96,6 +96,17 @@ def measure(groups: dict[tuple[int, int], list[Site]], buckets: tuple[int, ...],
 
 def _complete(timings: store.ShapeTimings | None, paths: tuple[str, ...], buckets: tuple[int, ...]) -> bool:
     return timings is not None and all(set(buckets) <= set(timings.get(p, {})) for p in paths)
+
+
+@torch.inference_mode()
+def warm(site: Site, rows_limit: int) -> None:
+    """Run one weight of a shape once at every row count its table routes, so oneDNN builds its
+    per-shape kernels (~50 MB for a small model) at load, not as first-seen batch sizes arrive
+    while serving (a latency spike, and memory that grows under load)."""
+    _, weight, packed = site
+    x = torch.zeros(max(rows_limit - 1, 1), weight.shape[1], dtype=weight.dtype)  # [rows, in]
+    for rows in range(1, rows_limit):
+        packed.linear(x[:rows], weight)
 
 
 def _restrict(timings: store.ShapeTimings, paths: tuple[str, ...], buckets: tuple[int, ...]) -> store.ShapeTimings:
@@ -138,8 +149,11 @@ def tune_model(sites: list[Site], max_rows: int, mode: str = "auto", cache_dir: 
     shapes = {}
     for shape, group in groups.items():
         table = row_table(plans[shape])
-        for _, _, packed in group:
+        for _, weight, packed in group:
             packed.table = None if mode == "off" else table
+            packed.prepare(weight)  # the copies its paths use, now; the measured-only ones dropped
+        if mode != "off":
+            warm(group[0], len(table))
         labels = sorted({name.rsplit(".", 1)[-1] for name, _, _ in group})
         label = f"{store.shape_name(shape)} ({', '.join(labels)})"
         shapes[label] = describe(table, max_rows)

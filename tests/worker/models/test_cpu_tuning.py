@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.models import cpu_tuning, cpu_tuning_store
-from worker.models.cpu_linear import PackedWeight, mkl_packing_available
+from worker.models.cpu_linear import PackedWeight, mkl_packing_available, onednn_available
 from worker.models.cpu_plan import Choice, buckets_for
 
 SHAPES = [(96, 40), (96, 40), (40, 96)]  # two layers of one shape, one of another
@@ -95,6 +95,7 @@ def test_real_measurement_covers_every_cell(dtype):
     groups = cpu_tuning.group_sites(sites)
     paths = cpu_tuning.candidate_paths(dtype)
     assert ("packed" in paths) == (dtype == torch.float32 and mkl_packing_available())
+    assert ("onednn" in paths) == onednn_available()
     timings, noise = cpu_tuning.measure(groups, buckets_for(6), paths, budget_s=0.01)
     assert set(timings) == {"96x40", "40x96"} and noise >= 0
     assert all(set(timings["96x40"][p]) == set(range(1, 7)) and min(timings["96x40"][p].values()) > 0 for p in paths)
