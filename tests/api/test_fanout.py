@@ -62,12 +62,17 @@ def test_usage_counts_each_prompt_once():
 
 # -- FanOut on a real Redis -------------------------------------------------------------------------
 
-def claim_all(queues: Queues, reqs: list[GenerationRequest], worker="w1") -> None:
+def claim_all(queues: Queues, reqs: list[GenerationRequest], worker="w1") -> dict[str, int]:
+    """Play the worker taking and claiming reqs: {request id: attempt} (what complete() needs)."""
     queues.redis.set(keys.worker_alive(worker), "1", px=60_000)
     taken = queues.take(keys.queue(BASE, "realtime", "base"), len(reqs), worker, 64)
     assert set(taken) == {r.id for r in reqs}
+    attempts = {}
     for req in reqs:
-        assert queues.claim(req.id, worker) is not None
+        claimed = queues.claim(req.id, worker)
+        assert claimed is not None
+        attempts[req.id] = claimed[1]
+    return attempts
 
 
 def stream(queues: Queues, req: GenerationRequest, offset: int, text: str) -> None:
@@ -92,13 +97,13 @@ def test_follow_interleaves_choices_and_ends_when_all_have(redis_url, redis_clie
     async def body(aq):
         fan = FanOut(aq, reqs)
         await fan.submit(cap=0, tenant_cap=0)
-        claim_all(queues, reqs)
+        attempts = claim_all(queues, reqs)
         stream(queues, reqs[2], 0, "c0")
         stream(queues, reqs[0], 0, "a0")
         stream(queues, reqs[2], 2, "c1")
         stream(queues, reqs[2], 0, "c0")  # a rerun after a crash repeats itself: skipped by offset
         for i in (1, 2, 0):
-            queues.complete(result(reqs[i], text=f"t{i}"), "w1", 1)
+            assert queues.complete(result(reqs[i], text=f"t{i}"), "w1", attempts[reqs[i].id])
         got = [item async for item in fan.follow() if item is not None]
         return fan, got
 
@@ -118,8 +123,8 @@ def test_cancel_unfinished_stops_every_other_choice(redis_url, redis_client):
     async def body(aq):
         fan = FanOut(aq, reqs)
         await fan.submit(cap=0, tenant_cap=0)
-        claim_all(queues, reqs[:2])  # two running, two still queued
-        queues.complete(result(reqs[0], status="failed"), "w1", 1)
+        attempts = claim_all(queues, reqs[:2])  # two running, two still queued
+        assert queues.complete(result(reqs[0], status="failed"), "w1", attempts[reqs[0].id])
         async for item in fan.follow():
             if item is not None and isinstance(item[1], GenerationResult):
                 break
