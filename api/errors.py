@@ -57,8 +57,9 @@ def install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "unsupported_parameter":  # names every unsupported parameter at once
             return error_response(400, first["msg"], param=first["ctx"]["names"].split(", ")[0],
                                   code="unsupported_parameter")
-        if first.get("type") == "invalid_unicode":
-            return error_response(400, first["msg"], param=first["ctx"]["param"], code="invalid_unicode")
+        if "param" in first.get("ctx", {}):  # the error names a place its loc does not (deeper, or a model check)
+            code = "invalid_unicode" if first["type"] == "invalid_unicode" else None
+            return error_response(400, first["msg"], param=first["ctx"]["param"], code=code)
         if first.get("type") == "json_invalid":
             return error_response(400, "the request body is not valid JSON: "
                                        f"{first.get('ctx', {}).get('error', 'parse error')}", code="invalid_json")

@@ -1,8 +1,9 @@
 """One real-time generation call: validate -> resolve + tokenize -> queue -> wait or stream.
 
 Shared by /v1/chat/completions and /v1/completions; they differ only in the response builders.
-Every refusal happens before queueing (400 too long, 404 unknown model, 429 queue full, 503 no
-worker), and a client that goes away cancels its request, queued or running.
+A call is one generation request per choice (n per prompt, api/fanout.py); with one prompt and
+n=1, exactly one. Every refusal happens before queueing (400 too long, 404 unknown model, 429 queue
+full, 503 no worker), and a client that goes away cancels its requests, queued or running.
 """
 
 from __future__ import annotations
@@ -13,18 +14,20 @@ import time
 from collections.abc import AsyncIterator
 from typing import Literal
 
-import anyio
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.boundary import redis_unavailable
 from api.errors import APIError, envelope
+from api.fanout import FanOut, expand, usage_of
 from hotswap import openai_schemas as oa
 from hotswap.base_model import context_limit
-from hotswap.protocol import FAILURE_STATUS, GenerationRequest, GenerationResult
+from hotswap.openai_schemas import CompletionRequest
+from hotswap.prompts import PromptError, check_counts
+from hotswap.protocol import FAILURE_STATUS, GenerationResult
 from scheduler.aio import live_workers
-from scheduler.prepare import PrepareError, ServedModel, build_request
+from scheduler.prepare import PrepareError, ServedModel, build_requests
 from scheduler.queues import QueueFull
 
 log = logging.getLogger("hotswap.api")
@@ -45,18 +48,30 @@ async def served_model(request: Request) -> ServedModel:
     return ServedModel(settings.base_model, state.served_base.tokenizer, limit)
 
 
-async def prepare_and_submit(request: Request, body, tenant: str) -> GenerationRequest:
+def _fanout_limits(body, settings) -> None:
+    prompts = len(body.prompts) if isinstance(body, CompletionRequest) else 1
+    try:
+        check_counts(prompts, body.choices_per_prompt, max_prompts=settings.max_prompts_per_request,
+                     max_n=settings.max_n)
+    except PromptError as exc:
+        raise APIError(400, exc.message, param=exc.param) from None
+
+
+async def prepare_and_submit(request: Request, body, tenant: str) -> FanOut:
+    """Every choice of the call queued (api/fanout.py), or an APIError and nothing queued."""
     state, settings = request.app.state, request.app.state.settings
+    _fanout_limits(body, settings)
     served = await served_model(request)
     try:
-        req = await run_in_threadpool(build_request, body, tenant, served, state.registry)
+        per_prompt = await run_in_threadpool(build_requests, body, tenant, served, state.registry)
     except PrepareError as exc:
         raise APIError(exc.status, exc.message, param=exc.param, code=exc.code) from None
+    fan = FanOut(state.aqueues, expand(per_prompt, body.choices_per_prompt))
     try:
-        await state.aqueues.submit(req, cap=settings.max_queued_realtime, tenant_cap=settings.max_queued_per_tenant)
+        await fan.submit(cap=settings.max_queued_realtime, tenant_cap=settings.max_queued_per_tenant)
     except QueueFull as exc:
         raise APIError(429, f"{exc}; retry in a moment", code="queue_full", headers={"Retry-After": "2"}) from None
-    return req
+    return fan
 
 
 def _failure(result: GenerationResult) -> APIError:
@@ -69,87 +84,99 @@ def _finish_reason(result: GenerationResult) -> str:
     return "length" if result.finish_reason == "length" else "stop"
 
 
+def _first_failure(results: list[GenerationResult | None]) -> GenerationResult | None:
+    return next((r for r in results if r is not None and r.status == "failed"), None)
+
+
 async def respond(request: Request, body, kind: Kind, tenant: str):
-    req = await prepare_and_submit(request, body, tenant)
-    response_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + req.id.removeprefix("req_")
+    fan = await prepare_and_submit(request, body, tenant)
+    first = fan.reqs[0]
+    response_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + first.id.removeprefix("req_")
+    n = body.choices_per_prompt
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(request, req, kind, response_id, include_usage), media_type="text/event-stream",
+        return StreamingResponse(_sse(fan, n, kind, response_id, include_usage),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    result = await _wait(request, req)
-    if result is None:  # the client left; nobody reads this
+    results = await _wait(request, fan)
+    if results is None:  # the client left; nobody reads this
         return JSONResponse(envelope(499, "client closed the request"), status_code=499)
-    if result.status == "failed":
-        raise _failure(result)
-    build = oa.chat_completion if kind == "chat" else oa.completion
-    return build(response_id, req.model, int(req.created_at), result.text, _finish_reason(result),
-                 result.prompt_tokens, result.completion_tokens, result.cached_tokens)
+    failed = _first_failure(results)
+    if failed is not None:
+        raise _failure(failed)
+    build = oa.chat_choices if kind == "chat" else oa.completion_choices
+    return build(response_id, first.model, int(first.created_at), [(r.text, _finish_reason(r)) for r in results],
+                 *usage_of(results, n))
 
 
-async def _wait(request: Request, req: GenerationRequest) -> GenerationResult | None:
-    aqueues = request.app.state.aqueues
+async def _wait(request: Request, fan: FanOut) -> list[GenerationResult] | None:
+    """Every choice's result; None if the client left. The first failure ends the wait (the
+    other choices are cancelled), as do a gone client and the timeout: nothing is left running."""
     deadline = time.monotonic() + request.app.state.settings.request_timeout_s
-    async for item in aqueues.follow(req.id):
-        if isinstance(item, GenerationResult):
-            return item
-        if await request.is_disconnected():
-            await aqueues.cancel(req.id)
-            return None
-        if time.monotonic() > deadline:
-            await aqueues.cancel(req.id)
-            raise APIError(504, "timed out waiting for a worker; the request was cancelled", code="timeout")
-    return None
+    try:
+        async for item in fan.follow():
+            if fan.done or _first_failure(fan.results) is not None:
+                return fan.results
+            if item is not None and not isinstance(item[1], GenerationResult):
+                continue  # streamed text of a non-streaming call: only results matter here
+            if await request.is_disconnected():
+                return None
+            if time.monotonic() > deadline:
+                raise APIError(504, "timed out waiting for a worker; the request was cancelled", code="timeout")
+        return fan.results
+    finally:
+        await fan.cancel_unfinished()
 
 
 def _event(data: dict) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-async def _sse(request: Request, req: GenerationRequest, kind: Kind, response_id: str,
+async def _sse(fan: FanOut, n: int, kind: Kind, response_id: str,
                include_usage: bool) -> AsyncIterator[str]:
-    aqueues = request.app.state.aqueues
-    created = int(req.created_at)
+    """Chunks of every choice, interleaved as they come, each with its choice `index`; then one
+    usage chunk (stream_options.include_usage) and [DONE] once all have finished. A failed choice
+    ends the stream with its error (the others are cancelled)."""
+    first = fan.reqs[0]
+    model, created = first.model, int(first.created_at)
 
-    def chunk(text: str | None = None, finish: str | None = None, first: bool = False) -> dict:
+    def chunk(index: int, text: str | None = None, finish: str | None = None, role: bool = False) -> dict:
         if kind == "chat":
-            return oa.chat_chunk(response_id, req.model, created, delta_text=text, role="assistant" if first else None,
-                                 finish_reason=finish, include_usage=include_usage)
-        return oa.completion_chunk(response_id, req.model, created, text=text or "", finish_reason=finish,
-                                   include_usage=include_usage)
+            return oa.chat_chunk(response_id, model, created, delta_text=text, role="assistant" if role else None,
+                                 finish_reason=finish, include_usage=include_usage, index=index)
+        return oa.completion_chunk(response_id, model, created, text=text or "", finish_reason=finish,
+                                   include_usage=include_usage, index=index)
 
-    finished = False
     try:
         try:
             if kind == "chat":
-                yield _event(chunk(first=True))
-            async for item in aqueues.follow(req.id):
+                for index in range(len(fan.reqs)):
+                    yield _event(chunk(index, role=True))
+            async for item in fan.follow():
                 if item is None:
                     continue  # a quiet second; a gone client surfaces as cancellation of this generator
-                if isinstance(item, str):
-                    if item:
-                        yield _event(chunk(item))
+                index, got = item
+                if isinstance(got, str):
+                    if got:
+                        yield _event(chunk(index, got))
                     continue
-                finished = True
-                if item.status == "failed":
-                    failure = _failure(item)
+                if got.status == "failed":
+                    failure = _failure(got)
                     yield _event(envelope(failure.status, failure.message, code=failure.code))
-                else:
-                    yield _event(chunk(finish=_finish_reason(item)))
+                    break
+                yield _event(chunk(index, finish=_finish_reason(got)))
+                if fan.done:
                     if include_usage:
-                        yield _event(oa.usage_chunk(response_id, req.model, created, item.prompt_tokens,
-                                                    item.completion_tokens, kind=kind,
-                                                    cached_tokens=item.cached_tokens))
-                break
+                        prompt, completion, cached = usage_of(fan.results, n)
+                        yield _event(oa.usage_chunk(response_id, model, created, prompt, completion, kind=kind,
+                                                    cached_tokens=cached))
+                    break
         except Exception as exc:  # noqa: BLE001 - the status is sent: the stream itself says what happened
-            log.exception("stream of %s failed", req.id)
+            log.exception("stream of %s failed", first.id)
             status, message = ((503, "lost the connection to the queue store; retry") if redis_unavailable(exc)
                                else (500, "internal error: the server logged the details"))
             yield _event(envelope(status, message, code="stream_failed"))
         yield "data: [DONE]\n\n"
     finally:
-        if not finished:  # the client disconnected mid-stream, or the stream failed: stop the work
-            with anyio.CancelScope(shield=True):  # this task may be being cancelled: shield the one call
-                try:
-                    await aqueues.cancel(req.id)
-                except Exception:  # noqa: BLE001 - Redis gone too: the request's lease ends it
-                    log.warning("could not cancel %s", req.id, exc_info=True)
+        # The client disconnected mid-stream, a choice failed, or the stream broke: stop the rest.
+        await fan.cancel_unfinished()

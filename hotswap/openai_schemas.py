@@ -3,31 +3,38 @@
 Shared by the real-time routes and by batch-file line validation, so a body that one accepts the
 other accepts too. Validation is strict (no "5" for 5, no true for 1) and closed: a parameter we
 do not implement is refused by name ("unsupported parameter(s): tools, logit_bias") rather than
-silently ignored, because a client that asks for tool calls or n=3 and gets something else back
-has a bug it cannot see. A few parameters are accepted when they ask for OpenAI's default
-behaviour (frequency_penalty=0, logprobs=false, response_format={"type": "text"}, ...): clients
-and SDKs send those routinely, and honouring them is a no-op. They are dropped on validation.
+silently ignored, because a client that asks for tool calls or best_of=3 and gets something else
+back has a bug it cannot see. A few parameters are accepted when they ask for OpenAI's default
+behaviour (logprobs=false, response_format={"type": "text"}, ...): clients and SDKs send those
+routinely, and honouring them is a no-op. They are dropped on validation.
+
+Besides OpenAI's own, both requests take vLLM's documented extra sampling parameters
+`repetition_penalty`, `min_tokens` and `stop_token_ids`.
 
     req = ChatCompletionRequest.model_validate(body)      # pydantic.ValidationError on a bad body
     param, message = error_message(exc)                    # one line naming the parameter
-    to_sampling(req)  # {"max_tokens", "temperature", "top_p", "seed", "stop"} with OpenAI defaults
+    to_sampling(req)  # {"max_tokens", "temperature", ..., "stop_token_ids"} with OpenAI's defaults
 
-The builders (`chat_completion`, `chat_chunk`, `usage_chunk`, `completion`, `completion_chunk`)
-return plain dicts that the official `openai` package parses into its own types.
+The builders (`chat_completion`, `chat_choices`, `chat_chunk`, `usage_chunk`, `completion`,
+`completion_choices`, `completion_chunk`) return plain dicts that the official `openai` package
+parses into its own types.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from hotswap.prompts import Prompt, PromptError, split_prompts
+
 __all__ = [
     "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "StreamOptions", "TextPart",
-    "chat_chunk", "chat_completion", "completion", "completion_chunk", "error_message", "new_id",
+    "chat_choices", "chat_chunk", "chat_completion", "completion", "completion_choices", "completion_chunk",
+    "error_message", "new_id",
     "to_sampling", "unsupported_params", "usage", "usage_chunk",
 ]
 
@@ -36,9 +43,7 @@ FinishReason = Literal["stop", "length"]
 
 # Parameters OpenAI defines that we accept only when they ask for the default behaviour, and then
 # drop: name -> its harmless values (None, i.e. JSON null, is always harmless; () means only None).
-_COMMON_IGNORED: dict[str, tuple[Any, ...]] = {
-    "n": (1,), "best_of": (1,), "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},),
-}
+_COMMON_IGNORED: dict[str, tuple[Any, ...]] = {"best_of": (1,), "logit_bias": ({},)}
 _IGNORED: dict[str, dict[str, tuple[Any, ...]]] = {
     "chat": {**_COMMON_IGNORED, "logprobs": (False,), "top_logprobs": (0,),
              "response_format": ({"type": "text"},), "tools": ([],), "functions": ([],),
@@ -50,10 +55,7 @@ _IGNORED: dict[str, dict[str, tuple[Any, ...]]] = {
 }
 # What would work instead, appended to the message.
 _HINTS = {
-    "n": "n must be 1: send one request per choice",
     "best_of": "best_of must be 1",
-    "frequency_penalty": "penalties must be 0",
-    "presence_penalty": "penalties must be 0",
     "logprobs": "logprobs are not returned",
     "echo": "echo must be false",
     "response_format": 'only response_format {"type": "text"}',
@@ -177,6 +179,14 @@ class _Sampling(_Strict):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # n > 1: each choice is its own generation request (api/fanout.py); the server's HOTSWAP_MAX_N caps it lower.
+    n: int | None = Field(default=None, ge=1, le=128)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    # vLLM's extra sampling parameters, with vLLM's meaning.
+    repetition_penalty: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+    min_tokens: int | None = Field(default=None, ge=0)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -193,6 +203,18 @@ class _Sampling(_Strict):
         if self.stream_options is not None and not self.stream:
             raise PydanticCustomError("stream_options", "stream_options is only allowed when stream is true")
         return self
+
+    @model_validator(mode="after")
+    def _min_tokens_within_limit(self):
+        limit = getattr(self, "max_completion_tokens", None) or self.max_tokens
+        if self.min_tokens is not None and limit is not None and self.min_tokens > limit:
+            raise PydanticCustomError("min_tokens", "min_tokens: must not exceed the completion token limit ({limit}), "
+                                      "got {min}", {"param": "min_tokens", "min": self.min_tokens, "limit": limit})
+        return self
+
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
 
 
 class ChatCompletionRequest(_Sampling):
@@ -213,28 +235,27 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int]
+    # The field's type documents the four shapes; the before-validator refuses every other one by index.
+    prompt: str | list[str] | list[int] | list[list[int]]
 
     @model_validator(mode="before")
     @classmethod
     def _supported(cls, body: Any) -> Any:
         return _refuse_unsupported(body, "completion")
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, value: str | list[str] | list[int]) -> str | list[int]:
-        """A list of one string is that string; several prompts in one request are refused."""
-        if isinstance(value, list) and value and isinstance(value[0], str):
-            if len(value) != 1:
-                raise PydanticCustomError("batched_prompt", "send one prompt per request (got a list of {n}); the "
-                                          "Batch API takes many", {"n": len(value)})
-            return value[0]
-        if isinstance(value, list):
-            if not value:
-                raise PydanticCustomError("empty_prompt", "prompt must not be an empty list")
-            if any(t < 0 for t in value):
-                raise PydanticCustomError("token_ids", "token ids must be >= 0")
+    def _prompt_shape(cls, value: Any) -> Any:
+        try:
+            split_prompts(value)
+        except PromptError as exc:
+            raise PydanticCustomError("invalid_prompt", "{message}", {"param": exc.param, "message": exc.message})
         return value
+
+    @property
+    def prompts(self) -> list[Prompt]:
+        """The prompts, one per group of choices (see `hotswap.prompts`)."""
+        return split_prompts(self.prompt)
 
 
 def to_sampling(req: ChatCompletionRequest | CompletionRequest) -> dict:
@@ -244,7 +265,12 @@ def to_sampling(req: ChatCompletionRequest | CompletionRequest) -> dict:
     return {"max_tokens": limit,
             "temperature": 1.0 if req.temperature is None else req.temperature,
             "top_p": 1.0 if req.top_p is None else req.top_p,
-            "seed": req.seed, "stop": stop}
+            "seed": req.seed, "stop": stop,
+            "presence_penalty": req.presence_penalty or 0.0,
+            "frequency_penalty": req.frequency_penalty or 0.0,
+            "repetition_penalty": 1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            "min_tokens": req.min_tokens or 0,
+            "stop_token_ids": list(req.stop_token_ids or [])}
 
 
 def error_message(exc: ValidationError) -> tuple[str | None, str]:
@@ -252,7 +278,7 @@ def error_message(exc: ValidationError) -> tuple[str | None, str]:
     first = exc.errors()[0]
     if first["type"] == "unsupported_parameter":  # the message names them all; param is the first
         return first["ctx"]["names"].split(", ")[0], first["msg"]
-    if first["type"] == "invalid_unicode":  # found by walking the body: the error has no loc
+    if "param" in first.get("ctx", {}):  # the error names a place its loc does not (deeper, or a model check)
         return first["ctx"]["param"], first["msg"]
     param = ".".join(str(p) for p in first["loc"]) or None
     return param, f"{param}: {first['msg']}" if param else first["msg"]
@@ -278,24 +304,31 @@ def _envelope(id: str, obj: str, model: str, created: int | None, choices: list)
             "model": model, "system_fingerprint": None, "choices": choices}
 
 
-def chat_completion(id: str, model: str, created: int | None, text: str, finish_reason: FinishReason,
-                    prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    message = {"role": "assistant", "content": text, "refusal": None}
+def chat_choices(id: str, model: str, created: int | None, choices: list[tuple[str, FinishReason]],
+                 prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """A chat completion with one choice per (text, finish_reason), `index` = its position."""
     body = _envelope(id, "chat.completion", model, created,
-                     [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}])
+                     [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                       "logprobs": None, "finish_reason": finish} for i, (text, finish) in enumerate(choices)])
     body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
     return body
 
 
+def chat_completion(id: str, model: str, created: int | None, text: str, finish_reason: FinishReason,
+                    prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    return chat_choices(id, model, created, [(text, finish_reason)], prompt_tokens, completion_tokens, cached_tokens)
+
+
 def chat_chunk(id: str, model: str, created: int | None, delta_text: str | None = None,
                role: str | None = None, finish_reason: FinishReason | None = None,
-               include_usage: bool = False) -> dict:
-    """One streamed delta. With include_usage, OpenAI sends "usage": null on every chunk but the last."""
+               include_usage: bool = False, index: int = 0) -> dict:
+    """One streamed delta of choice `index`. With include_usage, OpenAI sends "usage": null on
+    every chunk but the last."""
     delta = {} if role is None else {"role": role}
     if delta_text is not None:
         delta["content"] = delta_text
     body = _envelope(id, "chat.completion.chunk", model, created,
-                     [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
+                     [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
     if include_usage:
         body["usage"] = None
     return body
@@ -310,18 +343,26 @@ def usage_chunk(id: str, model: str, created: int | None, prompt_tokens: int, co
     return body
 
 
-def completion(id: str, model: str, created: int | None, text: str, finish_reason: FinishReason,
-               prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+def completion_choices(id: str, model: str, created: int | None, choices: list[tuple[str, FinishReason]],
+                       prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """A text completion with one choice per (text, finish_reason), `index` = its position."""
     body = _envelope(id, "text_completion", model, created,
-                     [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}])
+                     [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+                      for i, (text, finish) in enumerate(choices)])
     body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
     return body
 
 
+def completion(id: str, model: str, created: int | None, text: str, finish_reason: FinishReason,
+               prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    return completion_choices(id, model, created, [(text, finish_reason)], prompt_tokens, completion_tokens,
+                              cached_tokens)
+
+
 def completion_chunk(id: str, model: str, created: int | None, text: str = "",
-                     finish_reason: FinishReason | None = None, include_usage: bool = False) -> dict:
+                     finish_reason: FinishReason | None = None, include_usage: bool = False, index: int = 0) -> dict:
     body = _envelope(id, "text_completion", model, created,
-                     [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}])
+                     [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}])
     if include_usage:
         body["usage"] = None
     return body

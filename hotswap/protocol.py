@@ -55,6 +55,12 @@ class SamplingSpec(BaseModel):
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
     ignore_eos: bool = False
+    # Output controls; the defaults mean "off", so requests written before they existed still parse.
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    min_tokens: int = Field(default=0, ge=0)
+    stop_token_ids: list[int] = Field(default_factory=list)
 
 
 class GenerationRequest(BaseModel):

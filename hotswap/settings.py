@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     realtime_reserve: float = Field(default=0.25, ge=0, lt=1, description="Share of each worker that batch work leaves free.")
     max_queued_realtime: int = Field(default=2000, ge=0, description="Real-time requests waiting, all tenants (0: no cap); over it: 429.")
     max_queued_per_tenant: int = Field(default=500, ge=0, description="Real-time requests waiting per tenant (0: no cap).")
+    max_prompts_per_request: int = Field(default=32, ge=1, description="Most prompts one /v1/completions call may hold (a list of prompts, each its own choice); more: 400.")
+    max_n: int = Field(default=8, ge=1, le=128, description="Most choices (n) per prompt in one real-time call; each choice is its own generation request.")
     request_timeout_s: float = Field(default=600.0, gt=0, description="A real-time call waiting longer is cancelled (504).")
     lease_s: float = Field(default=5.0, gt=0, description="A worker silent this long is dead; its requests are requeued.")
     heartbeat_s: float = Field(default=1.0, gt=0)

@@ -31,27 +31,40 @@ class AsyncQueues:
 
     async def follow(self, request_id: str, *, block_ms: int = 1000) -> AsyncIterator[str | GenerationResult | None]:
         """New text as the request produces it, then its `GenerationResult`. Yields None after each
-        `block_ms` without news, so the caller can check its client is still there.
+        `block_ms` without news, so the caller can check its client is still there."""
+        async for item in self.follow_many([request_id], block_ms=block_ms):
+            yield None if item is None else item[1]
 
-        After a worker crash the request reruns from the start (attempt + 1); text this reader
+    async def follow_many(self, request_ids: list[str], *,
+                          block_ms: int = 1000) -> AsyncIterator[tuple[int, str | GenerationResult] | None]:
+        """(i, new text) of request_ids[i] as the requests produce it, and (i, result) once each ends;
+        returns when all have. One XREAD over every stream that is still open, so n choices hold one
+        Redis connection, not n. Yields None after each `block_ms` without news.
+
+        After a worker crash a request reruns from the start (attempt + 1); text this reader
         already passed on is skipped by offset, so a client never sees a repeat."""
-        last, sent = "0-0", 0
-        stream = keys.output(request_id)
-        while True:
-            got = await self.redis.xread({stream: last}, block=block_ms, count=256)
+        index = {keys.output(rid): i for i, rid in enumerate(request_ids)}
+        last = {stream: "0-0" for stream in index}  # the open streams, and where each was read up to
+        sent = [0] * len(request_ids)
+        while last:
+            got = await self.redis.xread(last, block=block_ms, count=256)
             if not got:
                 yield None
                 continue
-            for entry_id, fields in got[0][1]:
-                last = entry_id
-                if b"result" in fields:
-                    yield GenerationResult.model_validate_json(fields[b"result"])
-                    return
-                event = TokenEvent.model_validate_json(fields[b"event"])
-                end = event.offset + len(event.text)
-                if end > sent:
-                    yield event.text[max(0, sent - event.offset):]
-                    sent = end
+            for raw_stream, entries in got:
+                stream = keys.text(raw_stream)
+                i = index[stream]
+                for entry_id, fields in entries:
+                    last[stream] = entry_id
+                    if b"result" in fields:
+                        del last[stream]
+                        yield i, GenerationResult.model_validate_json(fields[b"result"])
+                        break
+                    event = TokenEvent.model_validate_json(fields[b"event"])
+                    end = event.offset + len(event.text)
+                    if end > sent[i]:
+                        yield i, event.text[max(0, sent[i] - event.offset):]
+                        sent[i] = end
 
 
 async def live_workers(aredis, base_model: str) -> list[WorkerInfo]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from hotswap import keys
 from hotswap.metrics import MetricsBuffer, record_finished
-from hotswap.protocol import GenerationRequest, GenerationResult, TokenEvent
+from hotswap.protocol import GenerationRequest, GenerationResult, SamplingSpec, TokenEvent
 from scheduler.queues import Queues
 from scheduler.workers import WorkerInfo, deregister, heartbeat, rejoin
 from worker.engine.errors import RequestRejected
@@ -36,6 +36,9 @@ from worker.targets import LocalModel, TargetError, fetch_target
 from worker.torch_thread import TorchThread
 
 log = logging.getLogger("hotswap.worker")
+
+# SamplingSpec fields handed to the engine's SamplingParams under the same names.
+_OUTPUT_CONTROLS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "stop_token_ids")
 
 
 def new_worker_id() -> str:
@@ -205,11 +208,20 @@ class WorkerService:
 
     @staticmethod
     def _sampling(req: GenerationRequest):
+        from dataclasses import fields
+
         from worker.engine.sampling_params import SamplingParams
 
         s = req.sampling
+        # The output controls are passed only when asked for: a request that uses none runs on any
+        # engine, and one that asks for a control this engine lacks fails with a clear 400.
+        asked = {name: getattr(s, name) for name in _OUTPUT_CONTROLS
+                 if getattr(s, name) != SamplingSpec.model_fields[name].get_default(call_default_factory=True)}
+        missing = sorted(set(asked) - {f.name for f in fields(SamplingParams)})
+        if missing:
+            raise ValueError(f"this worker's engine does not support {', '.join(missing)}")
         return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                              seed=s.seed, stop=list(s.stop), ignore_eos=s.ignore_eos)
+                              seed=s.seed, stop=list(s.stop), ignore_eos=s.ignore_eos, **asked)
 
     def _publish(self, outputs) -> None:
         now = time.time()

@@ -108,7 +108,7 @@ def post(live_stack, path: str, key: str | None = None, headers: dict | None = N
     ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, "max_tokens"),
     ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "temperature": 7}, "temperature"),
     ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
-    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "n": 9}, "n"),  # over HOTSWAP_MAX_N
     ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
 ])
 def test_bad_bodies_get_400_naming_the_parameter(live_stack, body, param):

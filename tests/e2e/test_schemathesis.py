@@ -17,8 +17,8 @@ Bounded (the issue asks for bounded examples), so the module runs in about 1.5 m
     reproducible; the stateful phase is off (its links would need an annotated spec).
 
 Some constraints the server enforces are written into the spec we test with (model names it
-serves, at most 4 non-empty stop strings, token ids below the vocabulary size, one prompt per
-request): positive cases then reach the generation path instead of stopping at a 400/404, and
+serves, at most 4 non-empty stop strings, token ids below the vocabulary size, at most 2 prompts
+and n <= 2 per request, to keep the fan-out cheap): positive cases then reach the generation path instead of stopping at a 400/404, and
 negative cases still break each constraint. Nothing is excluded: DELETE /v1/adapters/{ref} and
 DELETE /v1/files/{file_id} get their own scratch adapter and file as examples (so they are tested
 on real objects without deleting what the other operations use), and the multipart uploads
@@ -87,6 +87,9 @@ def bounded_spec(raw: dict, *, models: list[str], vocab_size: int, refs: dict[st
     chat, completion = schemas["ChatCompletionRequest"]["properties"], schemas["CompletionRequest"]["properties"]
     for props in (chat, completion):
         _nullable_int(props["max_tokens"])["maximum"] = MAX_GEN_TOKENS
+        _nullable_int(props["n"])["maximum"] = 2
+        ids = next(branch for branch in props["stop_token_ids"]["anyOf"] if branch.get("type") == "array")
+        ids["items"]["maximum"] = vocab_size - 1
         props["model"] = {"type": "string", "enum": models, "title": "Model"}
         for branch in props["stop"]["anyOf"]:  # at most 4 stop strings, none empty
             if branch.get("type") == "string":
@@ -96,12 +99,16 @@ def bounded_spec(raw: dict, *, models: list[str], vocab_size: int, refs: dict[st
                 branch["items"]["minLength"] = 1
     _nullable_int(chat["max_completion_tokens"])["maximum"] = MAX_GEN_TOKENS
     chat["messages"]["maxItems"] = MAX_ITEMS
-    for branch in completion["prompt"]["anyOf"]:  # one non-empty prompt: text or token ids
+    for branch in completion["prompt"]["anyOf"]:  # non-empty prompts: text or token ids, at most 2 of them
         if branch.get("type") == "string":
             branch["minLength"] = 1
         elif branch.get("type") == "array" and branch["items"].get("type") == "string":
-            branch.update(minItems=1, maxItems=1)  # several prompts in one request are a 400 (the Batch API takes many)
+            branch.update(minItems=1, maxItems=2)
             branch["items"]["minLength"] = 1
+        elif branch.get("type") == "array" and branch["items"].get("type") == "array":
+            branch.update(minItems=1, maxItems=2)
+            branch["items"].update(minItems=1, maxItems=16)
+            branch["items"]["items"].update(minimum=0, maximum=vocab_size - 1)
         elif branch.get("type") == "array":
             branch.update(minItems=1, maxItems=16)
             branch["items"].update(minimum=0, maximum=vocab_size - 1)

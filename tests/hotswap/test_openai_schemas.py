@@ -9,9 +9,11 @@ from pydantic import ValidationError
 from hotswap.openai_schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    chat_choices,
     chat_chunk,
     chat_completion,
     completion,
+    completion_choices,
     completion_chunk,
     error_message,
     new_id,
@@ -45,6 +47,9 @@ def refused(model, body) -> tuple[str | None, str]:
     {"stop": ["a", "b", "c", "d"], "user": "u-1", "seed": None},
     {"stream": True, "stream_options": {"include_usage": True}},
     {"n": 1, "frequency_penalty": 0, "presence_penalty": 0.0, "logprobs": False, "logit_bias": {}},
+    {"n": 8, "frequency_penalty": 2, "presence_penalty": -2.0, "repetition_penalty": 1.3, "min_tokens": 2,
+     "stop_token_ids": [2, 0], "max_tokens": 2},
+    {"n": None, "frequency_penalty": None, "repetition_penalty": None, "min_tokens": None, "stop_token_ids": None},
     {"response_format": {"type": "text"}, "tools": None, "tool_choice": None, "top_logprobs": None},
     {"messages": [{"role": "developer", "content": "x"}, {"role": "user", "content": "y", "name": "bob"},
                   {"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]},
@@ -53,7 +58,7 @@ def test_chat_accepts(extra):
     req = ChatCompletionRequest.model_validate(chat(**extra))
     assert req.model == "base"
     # The harmless extras are dropped, never carried along.
-    assert not {"n", "logprobs", "frequency_penalty", "tools", "response_format"} & set(req.model_dump())
+    assert not {"logprobs", "tools", "response_format"} & set(req.model_dump())
 
 
 @pytest.mark.parametrize("extra, names", [
@@ -61,11 +66,7 @@ def test_chat_accepts(extra):
     ({"tools": [{"type": "function"}], "logit_bias": {"50256": -100}}, ["tools", "logit_bias"]),
     ({"functions": [{"name": "f"}]}, ["functions"]),
     ({"tool_choice": "auto"}, ["tool_choice"]),
-    ({"n": 2}, ["n"]),
-    ({"n": True}, ["n"]),
     ({"best_of": 3}, ["best_of"]),
-    ({"frequency_penalty": 0.5}, ["frequency_penalty"]),
-    ({"presence_penalty": -1}, ["presence_penalty"]),
     ({"logprobs": True}, ["logprobs"]),
     ({"logprobs": 0}, ["logprobs"]),  # not False: a bool was expected
     ({"top_logprobs": 3}, ["top_logprobs"]),
@@ -98,6 +99,24 @@ def test_chat_refuses_by_name(extra, names):
     ({"stop": ""}, "stop"),
     ({"stop": ["a", ""]}, "stop"),
     ({"stream": "yes"}, "stream"),
+    ({"n": 0}, "n"),
+    ({"n": 129}, "n"),
+    ({"n": True}, "n"),  # strict: true is not 1
+    ({"n": 2.0}, "n"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"frequency_penalty": "1"}, "frequency_penalty"),
+    ({"presence_penalty": -2.01}, "presence_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": -1.0}, "repetition_penalty"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+    ({"min_tokens": -1}, "min_tokens"),
+    ({"min_tokens": 1.5}, "min_tokens"),
+    ({"min_tokens": 6, "max_tokens": 5}, "min_tokens"),
+    ({"min_tokens": 6, "max_completion_tokens": 5}, "min_tokens"),
+    ({"stop_token_ids": [1, -1]}, "stop_token_ids.1"),
+    ({"stop_token_ids": [True]}, "stop_token_ids.0"),
+    ({"stop_token_ids": 5}, "stop_token_ids"),
     ({"model": ""}, "model"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
@@ -135,15 +154,18 @@ def test_message_text_joins_parts():
 
 
 @pytest.mark.parametrize("prompt, expected", [
-    ("hello", "hello"),
-    (["hello"], "hello"),
-    ([1, 2, 3], [1, 2, 3]),
+    ("hello", ["hello"]),
+    (["hello"], ["hello"]),
+    (["a", "b"], ["a", "b"]),
+    ([1, 2, 3], [[1, 2, 3]]),
+    ([[1, 2], [3]], [[1, 2], [3]]),
 ])
 def test_completion_prompts(prompt, expected):
-    assert CompletionRequest.model_validate(comp(prompt=prompt)).prompt == expected
+    req = CompletionRequest.model_validate(comp(prompt=prompt))
+    assert req.prompt == prompt and req.prompts == expected  # ids are kept exactly as sent
 
 
-@pytest.mark.parametrize("prompt", [["a", "b"], [], [1, -2], [[1, 2]], None, 5])
+@pytest.mark.parametrize("prompt", [[], [1, -2], [[1, 2], []], [[1], "a"], None, 5, [1.5]])
 def test_completion_bad_prompts(prompt):
     param, message = refused(CompletionRequest, comp(prompt=prompt))
     assert param.startswith("prompt") and message.startswith("prompt")
@@ -171,10 +193,30 @@ def test_completion_refuses_by_name(extra, names):
 
 
 def test_to_sampling_defaults():
+    off = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_tokens": 0,
+           "stop_token_ids": []}
     assert to_sampling(ChatCompletionRequest.model_validate(chat())) == {
-        "max_tokens": None, "temperature": 1.0, "top_p": 1.0, "seed": None, "stop": []}
+        "max_tokens": None, "temperature": 1.0, "top_p": 1.0, "seed": None, "stop": [], **off}
     assert to_sampling(CompletionRequest.model_validate(comp(stop="\n", temperature=0, seed=3))) == {
-        "max_tokens": None, "temperature": 0.0, "top_p": 1.0, "seed": 3, "stop": ["\n"]}
+        "max_tokens": None, "temperature": 0.0, "top_p": 1.0, "seed": 3, "stop": ["\n"], **off}
+
+
+def test_to_sampling_output_controls():
+    """Penalties and vLLM's extras reach the sampling spec as sent; n stays out (it is a fan-out)."""
+    from hotswap.protocol import SamplingSpec
+
+    req = ChatCompletionRequest.model_validate(chat(n=3, presence_penalty=0.5, frequency_penalty=-1,
+                                                    repetition_penalty=1.2, min_tokens=3, stop_token_ids=[7, 9]))
+    got = to_sampling(req)
+    assert (got["presence_penalty"], got["frequency_penalty"], got["repetition_penalty"], got["min_tokens"],
+            got["stop_token_ids"]) == (0.5, -1.0, 1.2, 3, [7, 9])
+    assert "n" not in got and req.choices_per_prompt == 3
+    assert ChatCompletionRequest.model_validate(chat()).choices_per_prompt == 1
+    # A request written before these fields existed still parses, with every control off.
+    old = SamplingSpec.model_validate({"max_tokens": 4, "temperature": 0.5, "top_p": 1.0, "top_k": 0, "seed": None,
+                                       "stop": [], "ignore_eos": False})
+    assert (old.presence_penalty, old.frequency_penalty, old.repetition_penalty, old.min_tokens,
+            old.stop_token_ids) == (0.0, 0.0, 1.0, 0, [])
 
 
 def test_to_sampling_token_limits():
@@ -270,3 +312,23 @@ def test_ids_and_created():
     assert new_id("chat").startswith("chatcmpl-") and new_id("completion").startswith("cmpl-")
     assert new_id("chat") != new_id("chat")
     assert isinstance(chat_completion("x", "m", None, "", "stop", 0, 0)["created"], int)
+
+
+def test_several_choices_and_their_chunks():
+    """n > 1 and several prompts: one choice per (text, finish_reason), `index` = its position;
+    chunks carry the index of the choice they belong to."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    chat = ChatCompletion.model_validate(chat_choices("c", "base", 1, [("a", "stop"), ("b", "length")], 10, 5, 8))
+    text = Completion.model_validate(completion_choices("c", "base", 1, [("x", "stop"), ("y", "stop"),
+                                                                         ("z", "length")], 12, 6))
+    for parsed in (chat, text):
+        no_extras(parsed)
+    assert [(c.index, c.message.content, c.finish_reason) for c in chat.choices] == [(0, "a", "stop"),
+                                                                                     (1, "b", "length")]
+    assert [(c.index, c.text) for c in text.choices] == [(0, "x"), (1, "y"), (2, "z")]
+    assert chat.usage.prompt_tokens_details.cached_tokens == 8 and text.usage.total_tokens == 18
+    chunk = ChatCompletionChunk.model_validate(chat_chunk("c", "base", 1, delta_text="hi", index=3))
+    assert chunk.choices[0].index == 3
+    assert completion_chunk("c", "base", 1, "x", index=2)["choices"][0]["index"] == 2
