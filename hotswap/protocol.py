@@ -47,8 +47,16 @@ class ModelTarget(BaseModel):
         return cls(kind=kind, ref=ref)
 
 
+# One token's log-probability as workers report it, compact for Redis: [token id, logprob, [[alternative
+# id, logprob], ...]], the alternatives best first (the top k asked for; the token itself among them
+# when it is one of the k, with the very same float). Logprobs are finite: -inf is sent as -9999.0.
+LogprobEntry = tuple[int, float, list[tuple[int, float]]]
+
+
 class SamplingSpec(BaseModel):
-    max_tokens: int = Field(ge=1)
+    # 0: score the prompt only (completions' echo with max_tokens 0): the worker runs the engine for
+    # one token and reports none of it, so the result has only the prompt's logprobs.
+    max_tokens: int = Field(ge=0)
     temperature: float = Field(default=1.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
@@ -61,6 +69,9 @@ class SamplingSpec(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     min_tokens: int = Field(default=0, ge=0)
     stop_token_ids: list[int] = Field(default_factory=list)
+    # Log-probabilities of the raw logits: None = off; k = each token's own plus its top k alternatives.
+    logprobs: int | None = Field(default=None, ge=0, le=20)  # per generated token
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # per prompt token (the first has none)
 
 
 class GenerationRequest(BaseModel):
@@ -76,6 +87,7 @@ class GenerationRequest(BaseModel):
     created_at: float = Field(default_factory=time.time)
     batch_id: str | None = None  # set for lines of a batch job
     custom_id: str | None = None
+    echo: bool = False  # completions' echo: the answer starts with the prompt (the API's concern; workers ignore it)
 
 
 class TokenEvent(BaseModel):
@@ -87,6 +99,13 @@ class TokenEvent(BaseModel):
     offset: int
     text: str
     token_ids: list[int]
+    # With SamplingSpec.logprobs: one entry per token of token_ids; `token_offset` is how many tokens
+    # this attempt produced before them, so a reader skips entries it has passed on, as it does text.
+    logprobs: list[LogprobEntry] | None = None
+    token_offset: int = 0
+    # With SamplingSpec.prompt_logprobs: in the attempt's first event only, one entry per prompt token
+    # (the first None).
+    prompt_logprobs: list[LogprobEntry | None] | None = None
 
 
 # A failed request's error code -> the HTTP status it answers with (live, and in a batch's error file).
@@ -102,6 +121,8 @@ class GenerationResult(BaseModel):
     prompt_tokens: int = 0
     cached_tokens: int = 0  # of prompt_tokens, those whose KV the engine's prefix cache held
     completion_tokens: int = 0
+    logprobs: list[LogprobEntry] | None = None  # one per token of token_ids, with SamplingSpec.logprobs
+    prompt_logprobs: list[LogprobEntry | None] | None = None  # one per prompt token (the first None), if asked
     error: dict | None = None  # {"code", "message"} when status is "failed"
     worker: str | None = None
     attempts: int = 0

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from hotswap import keys
 from hotswap.metrics import MetricsBuffer, record_finished
-from hotswap.protocol import GenerationRequest, GenerationResult, SamplingSpec, TokenEvent
+from hotswap.protocol import GenerationRequest, GenerationResult, LogprobEntry, SamplingSpec, TokenEvent
 from scheduler.queues import Queues
 from scheduler.workers import WorkerInfo, deregister, heartbeat, rejoin
 from worker.engine.errors import RequestRejected
@@ -38,7 +38,9 @@ from worker.torch_thread import TorchThread
 log = logging.getLogger("hotswap.worker")
 
 # SamplingSpec fields handed to the engine's SamplingParams under the same names.
-_OUTPUT_CONTROLS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "stop_token_ids")
+_OUTPUT_CONTROLS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "stop_token_ids",
+                    "logprobs", "prompt_logprobs")
+_LOWEST_LOGPROB = -9999.0  # what -inf (and NaN) is reported as: JSON has no infinities (vLLM and OpenAI do the same)
 
 
 def new_worker_id() -> str:
@@ -61,6 +63,24 @@ class Live:
     itl_s: list[float] = field(default_factory=list)  # gaps between consecutive outputs (metrics)
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV the prefix cache held at admission
+    logprobs: list[LogprobEntry] | None = None  # one per token of token_ids when the request asked
+    prompt_logprobs: list[LogprobEntry | None] | None = None
+
+    @property
+    def prompt_only(self) -> bool:
+        """max_tokens 0: the engine makes one token that nobody sees (only the prompt is scored)."""
+        return self.req.sampling.max_tokens == 0
+
+
+def _finite(value: float) -> float:
+    return value if value >= _LOWEST_LOGPROB else _LOWEST_LOGPROB  # NaN compares False too
+
+
+def compact_logprob(entry) -> LogprobEntry | None:
+    """An engine TokenLogprob (or None, the first prompt token's) as the protocol carries it."""
+    if entry is None:
+        return None
+    return entry.token_id, _finite(entry.logprob), [(t, _finite(v)) for t, v in entry.top]
 
 
 class WorkerService:
@@ -192,7 +212,8 @@ class WorkerService:
             except (RequestRejected, ValueError) as exc:  # SamplingParams' own checks are ValueErrors
                 self._fail(req, attempt, "invalid_request", str(exc))
                 continue
-            self._live[req.id] = Live(req, attempt, started_at=time.time(), prompt_tokens=len(req.prompt_token_ids))
+            self._live[req.id] = Live(req, attempt, started_at=time.time(), prompt_tokens=len(req.prompt_token_ids),
+                                      logprobs=None if req.sampling.logprobs is None else [])
 
     def _ensure_registered(self, model: LocalModel) -> tuple[str | None, str | None]:
         if model.kind == "base":
@@ -220,8 +241,8 @@ class WorkerService:
         missing = sorted(set(asked) - {f.name for f in fields(SamplingParams)})
         if missing:
             raise ValueError(f"this worker's engine does not support {', '.join(missing)}")
-        return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                              seed=s.seed, stop=list(s.stop), ignore_eos=s.ignore_eos, **asked)
+        return SamplingParams(max_tokens=max(1, s.max_tokens), temperature=s.temperature, top_p=s.top_p,
+                              top_k=s.top_k, seed=s.seed, stop=list(s.stop), ignore_eos=s.ignore_eos, **asked)
 
     def _publish(self, outputs) -> None:
         now = time.time()
@@ -238,14 +259,25 @@ class WorkerService:
                     else:
                         live.itl_s.append(now - live.last_output_at)
                     live.last_output_at = now
-                if live.req.stream and (out.text or out.new_token_ids):
-                    event = TokenEvent(attempt=live.attempt, offset=len(live.text), text=out.text,
-                                       token_ids=out.new_token_ids)
-                    pipe.xadd(keys.output(live.req.id), {"event": event.model_dump_json()})
-                live.text += out.text
-                live.token_ids += out.new_token_ids
-                if out.finished:
-                    finished.append((live, out.finish_reason))
+                text, token_ids = ("", []) if live.prompt_only else (out.text, out.new_token_ids)
+                logprobs = None
+                if live.logprobs is not None and not live.prompt_only:
+                    logprobs = [compact_logprob(e) for e in out.logprobs or []]
+                prompt_logprobs = None
+                if out.prompt_logprobs is not None:
+                    prompt_logprobs = live.prompt_logprobs = [compact_logprob(e) for e in out.prompt_logprobs]
+                if live.req.stream and (text or token_ids or prompt_logprobs):
+                    event = TokenEvent(attempt=live.attempt, offset=len(live.text), text=text, token_ids=token_ids,
+                                       logprobs=logprobs, token_offset=len(live.token_ids),
+                                       prompt_logprobs=prompt_logprobs)
+                    # exclude_defaults: a request without logprobs streams the events it always did
+                    pipe.xadd(keys.output(live.req.id), {"event": event.model_dump_json(exclude_defaults=True)})
+                live.text += text
+                live.token_ids += token_ids
+                if logprobs:
+                    live.logprobs += logprobs
+                if out.finished:  # prompt only: whatever ended the hidden token, the answer ends by its length (0)
+                    finished.append((live, "length" if live.prompt_only else out.finish_reason))
             pipe.execute()
         for live, reason in finished:
             self._record(live, "completed", reason)
@@ -255,7 +287,7 @@ class WorkerService:
         result = GenerationResult(
             id=live.req.id, status=status, text=live.text, token_ids=live.token_ids, finish_reason=finish_reason,
             prompt_tokens=live.prompt_tokens, cached_tokens=live.cached_tokens, completion_tokens=len(live.token_ids),
-            worker=self.id,
+            logprobs=live.logprobs, prompt_logprobs=live.prompt_logprobs, worker=self.id,
             attempts=live.attempt, queued_at=live.req.created_at, started_at=live.started_at,
             first_token_at=live.first_token_at,
         )
