@@ -5,8 +5,11 @@ other accepts too. Validation is strict (no "5" for 5, no true for 1) and closed
 do not implement is refused by name ("unsupported parameter(s): tools, logit_bias") rather than
 silently ignored, because a client that asks for tool calls or best_of=3 and gets something else
 back has a bug it cannot see. A few parameters are accepted when they ask for OpenAI's default
-behaviour (logprobs=false, response_format={"type": "text"}, ...): clients and SDKs send those
+behaviour (best_of=1, response_format={"type": "text"}, ...): clients and SDKs send those
 routinely, and honouring them is a no-op. They are dropped on validation.
+
+Log-probabilities: chat's `logprobs` / `top_logprobs` (0..20) and completions' `logprobs` (0..5) and
+`echo` (max_tokens 0 with echo scores the prompt alone); hotswap/openai_logprobs.py shapes them.
 
 Besides OpenAI's own, both requests take vLLM's documented extra sampling parameters
 `repetition_penalty`, `min_tokens` and `stop_token_ids`.
@@ -45,19 +48,17 @@ FinishReason = Literal["stop", "length"]
 # drop: name -> its harmless values (None, i.e. JSON null, is always harmless; () means only None).
 _COMMON_IGNORED: dict[str, tuple[Any, ...]] = {"best_of": (1,), "logit_bias": ({},)}
 _IGNORED: dict[str, dict[str, tuple[Any, ...]]] = {
-    "chat": {**_COMMON_IGNORED, "logprobs": (False,), "top_logprobs": (0,),
+    "chat": {**_COMMON_IGNORED,
              "response_format": ({"type": "text"},), "tools": ([],), "functions": ([],),
              "tool_choice": ("none",), "function_call": ("none",), "parallel_tool_calls": (),
              "store": (False,), "metadata": ({},), "service_tier": ("auto", "default"),
              "modalities": (["text"],), "audio": (), "prediction": (), "reasoning_effort": (),
              "web_search_options": ()},
-    "completion": {**_COMMON_IGNORED, "logprobs": (), "echo": (False,), "suffix": ("",)},
+    "completion": {**_COMMON_IGNORED, "suffix": ("",)},
 }
 # What would work instead, appended to the message.
 _HINTS = {
     "best_of": "best_of must be 1",
-    "logprobs": "logprobs are not returned",
-    "echo": "echo must be false",
     "response_format": 'only response_format {"type": "text"}',
 }
 
@@ -220,6 +221,8 @@ class _Sampling(_Strict):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None  # each output token's logprob ...
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)  # ... and its k most likely alternatives
 
     @model_validator(mode="before")
     @classmethod
@@ -233,10 +236,20 @@ class ChatCompletionRequest(_Sampling):
                                       "max_completion_tokens")
         return self
 
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs and not self.logprobs:  # 0 (or null) alone asks for nothing: accepted, as before
+            raise PydanticCustomError("top_logprobs", "top_logprobs: requires logprobs: true",
+                                      {"param": "top_logprobs"})
+        return self
+
 
 class CompletionRequest(_Sampling):
     # The field's type documents the four shapes; the before-validator refuses every other one by index.
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 only with echo: the prompt scored, nothing generated
+    logprobs: int | None = Field(default=None, ge=0, le=5)  # each token's logprob and its k most likely alternatives
+    echo: bool | None = None  # the answer starts with the prompt (and its logprobs, with logprobs)
 
     @model_validator(mode="before")
     @classmethod
@@ -251,6 +264,13 @@ class CompletionRequest(_Sampling):
         except PromptError as exc:
             raise PydanticCustomError("invalid_prompt", "{message}", {"param": exc.param, "message": exc.message})
         return value
+
+    @model_validator(mode="after")
+    def _zero_tokens_need_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise PydanticCustomError("max_tokens", "max_tokens: 0 is only allowed with echo: true (scoring the "
+                                      "prompt); ask for at least 1 token", {"param": "max_tokens"})
+        return self
 
     @property
     def prompts(self) -> list[Prompt]:
@@ -270,7 +290,15 @@ def to_sampling(req: ChatCompletionRequest | CompletionRequest) -> dict:
             "frequency_penalty": req.frequency_penalty or 0.0,
             "repetition_penalty": 1.0 if req.repetition_penalty is None else req.repetition_penalty,
             "min_tokens": req.min_tokens or 0,
-            "stop_token_ids": list(req.stop_token_ids or [])}
+            "stop_token_ids": list(req.stop_token_ids or []),
+            **_logprobs(req)}
+
+
+def _logprobs(req: ChatCompletionRequest | CompletionRequest) -> dict:
+    """SamplingSpec's logprobs (per generated token) and prompt_logprobs (echo): None = off, k = top k."""
+    if isinstance(req, ChatCompletionRequest):
+        return {"logprobs": (req.top_logprobs or 0) if req.logprobs else None, "prompt_logprobs": None}
+    return {"logprobs": req.logprobs, "prompt_logprobs": req.logprobs if req.echo else None}
 
 
 def error_message(exc: ValidationError) -> tuple[str | None, str]:
@@ -304,31 +332,43 @@ def _envelope(id: str, obj: str, model: str, created: int | None, choices: list)
             "model": model, "system_fingerprint": None, "choices": choices}
 
 
+def _per_choice(logprobs: list[dict | None] | None, n: int) -> list[dict | None]:
+    """Each choice's `logprobs` object (hotswap/openai_logprobs.py), None where not asked for."""
+    if logprobs is not None and len(logprobs) != n:
+        raise ValueError(f"{len(logprobs)} logprobs objects for {n} choices")
+    return logprobs or [None] * n
+
+
 def chat_choices(id: str, model: str, created: int | None, choices: list[tuple[str, FinishReason]],
-                 prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    """A chat completion with one choice per (text, finish_reason), `index` = its position."""
+                 prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+                 logprobs: list[dict | None] | None = None) -> dict:
+    """A chat completion with one choice per (text, finish_reason), `index` = its position;
+    `logprobs`: each choice's logprobs object, when asked for."""
     body = _envelope(id, "chat.completion", model, created,
                      [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                       "logprobs": None, "finish_reason": finish} for i, (text, finish) in enumerate(choices)])
+                       "logprobs": lp, "finish_reason": finish}
+                      for i, ((text, finish), lp) in enumerate(zip(choices, _per_choice(logprobs, len(choices))))])
     body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
     return body
 
 
 def chat_completion(id: str, model: str, created: int | None, text: str, finish_reason: FinishReason,
-                    prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    return chat_choices(id, model, created, [(text, finish_reason)], prompt_tokens, completion_tokens, cached_tokens)
+                    prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+                    logprobs: dict | None = None) -> dict:
+    return chat_choices(id, model, created, [(text, finish_reason)], prompt_tokens, completion_tokens, cached_tokens,
+                        [logprobs])
 
 
 def chat_chunk(id: str, model: str, created: int | None, delta_text: str | None = None,
                role: str | None = None, finish_reason: FinishReason | None = None,
-               include_usage: bool = False, index: int = 0) -> dict:
-    """One streamed delta of choice `index`. With include_usage, OpenAI sends "usage": null on
-    every chunk but the last."""
+               include_usage: bool = False, index: int = 0, logprobs: dict | None = None) -> dict:
+    """One streamed delta of choice `index` (with the logprobs of its tokens, when asked for). With
+    include_usage, OpenAI sends "usage": null on every chunk but the last."""
     delta = {} if role is None else {"role": role}
     if delta_text is not None:
         delta["content"] = delta_text
     body = _envelope(id, "chat.completion.chunk", model, created,
-                     [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
+                     [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}])
     if include_usage:
         body["usage"] = None
     return body
@@ -344,25 +384,29 @@ def usage_chunk(id: str, model: str, created: int | None, prompt_tokens: int, co
 
 
 def completion_choices(id: str, model: str, created: int | None, choices: list[tuple[str, FinishReason]],
-                       prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    """A text completion with one choice per (text, finish_reason), `index` = its position."""
+                       prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+                       logprobs: list[dict | None] | None = None) -> dict:
+    """A text completion with one choice per (text, finish_reason), `index` = its position;
+    `logprobs`: each choice's logprobs object, when asked for."""
     body = _envelope(id, "text_completion", model, created,
-                     [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-                      for i, (text, finish) in enumerate(choices)])
+                     [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
+                      for i, ((text, finish), lp) in enumerate(zip(choices, _per_choice(logprobs, len(choices))))])
     body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
     return body
 
 
 def completion(id: str, model: str, created: int | None, text: str, finish_reason: FinishReason,
-               prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+               prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+               logprobs: dict | None = None) -> dict:
     return completion_choices(id, model, created, [(text, finish_reason)], prompt_tokens, completion_tokens,
-                              cached_tokens)
+                              cached_tokens, [logprobs])
 
 
 def completion_chunk(id: str, model: str, created: int | None, text: str = "",
-                     finish_reason: FinishReason | None = None, include_usage: bool = False, index: int = 0) -> dict:
+                     finish_reason: FinishReason | None = None, include_usage: bool = False, index: int = 0,
+                     logprobs: dict | None = None) -> dict:
     body = _envelope(id, "text_completion", model, created,
-                     [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}])
+                     [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}])
     if include_usage:
         body["usage"] = None
     return body

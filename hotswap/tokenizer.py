@@ -29,6 +29,7 @@ class Tokenizer:
         self.eos_token = _token_text(config.get("eos_token"))
         template_path = model_dir / "chat_template.jinja"
         self.chat_template = template_path.read_text() if template_path.exists() else config.get("chat_template")
+        self._token_texts: dict[int, str] = {}  # token_text's cache: at most one entry per vocab id
 
     @property
     def vocab_size(self) -> int:
@@ -50,6 +51,14 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """One token decoded alone, special tokens spelled out: how logprobs name it (as vLLM does).
+        A token holding part of a multi-byte character decodes to U+FFFD."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self._tok.decode([token_id], skip_special_tokens=False)
+        return text
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render messages to the prompt text the model was trained on (as transformers does)."""
