@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 import anyio
 
 from hotswap.protocol import GenerationRequest, GenerationResult, new_request_id
+from scheduler.aio import Delta
 
 log = logging.getLogger("hotswap.api")
 
@@ -84,8 +85,8 @@ class FanOut:
             await self.cancel_unfinished()
             raise
 
-    async def follow(self) -> AsyncIterator[tuple[int, str | GenerationResult] | None]:
-        """(choice, new text) and (choice, result) as they come, interleaved; None on a quiet second."""
+    async def follow(self) -> AsyncIterator[tuple[int, Delta | GenerationResult] | None]:
+        """(choice, delta) and (choice, result) as they come, interleaved; None on a quiet second."""
         async for item in self.aqueues.follow_many([r.id for r in self.reqs]):
             if item is not None and isinstance(item[1], GenerationResult):
                 self.results[item[0]] = item[1]

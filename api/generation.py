@@ -21,8 +21,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from api.boundary import redis_unavailable
 from api.errors import APIError, envelope
 from api.fanout import FanOut, expand, usage_of
+from api.streaming import ChunkMaker
 from hotswap import openai_schemas as oa
 from hotswap.base_model import context_limit
+from hotswap.openai_logprobs import MissingLogprobs, answer
 from hotswap.openai_schemas import CompletionRequest
 from hotswap.prompts import PromptError, check_counts
 from hotswap.protocol import FAILURE_STATUS, GenerationResult
@@ -80,10 +82,6 @@ def _failure(result: GenerationResult) -> APIError:
     return APIError(FAILURE_STATUS.get(code, 500), error.get("message", "the request failed"), code=code)
 
 
-def _finish_reason(result: GenerationResult) -> str:
-    return "length" if result.finish_reason == "length" else "stop"
-
-
 def _first_failure(results: list[GenerationResult | None]) -> GenerationResult | None:
     return next((r for r in results if r is not None and r.status == "failed"), None)
 
@@ -93,9 +91,11 @@ async def respond(request: Request, body, kind: Kind, tenant: str):
     first = fan.reqs[0]
     response_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + first.id.removeprefix("req_")
     n = body.choices_per_prompt
+    tokenizer = request.app.state.served_base.tokenizer  # names the tokens in logprobs, and echoes prompts
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(fan, n, kind, response_id, include_usage),
+        chunks = ChunkMaker(kind, fan.reqs, response_id, include_usage, tokenizer)
+        return StreamingResponse(_sse(fan, n, kind, chunks),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     results = await _wait(request, fan)
@@ -104,9 +104,15 @@ async def respond(request: Request, body, kind: Kind, tenant: str):
     failed = _first_failure(results)
     if failed is not None:
         raise _failure(failed)
+    try:
+        answers = [answer(kind, req, r, tokenizer) for req, r in zip(fan.reqs, results)]
+    except MissingLogprobs as exc:
+        log.error("%s", exc)
+        raise APIError(500, "the worker that ran this request did not report logprobs (an older version?); "
+                            "retry", code="server_error") from None
     build = oa.chat_choices if kind == "chat" else oa.completion_choices
-    return build(response_id, first.model, int(first.created_at), [(r.text, _finish_reason(r)) for r in results],
-                 *usage_of(results, n))
+    return build(response_id, first.model, int(first.created_at), [(a.text, a.finish_reason) for a in answers],
+                 *usage_of(results, n), logprobs=[a.logprobs for a in answers])
 
 
 async def _wait(request: Request, fan: FanOut) -> list[GenerationResult] | None:
@@ -132,44 +138,34 @@ def _event(data: dict) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-async def _sse(fan: FanOut, n: int, kind: Kind, response_id: str,
-               include_usage: bool) -> AsyncIterator[str]:
+async def _sse(fan: FanOut, n: int, kind: Kind, chunks: ChunkMaker) -> AsyncIterator[str]:
     """Chunks of every choice, interleaved as they come, each with its choice `index`; then one
     usage chunk (stream_options.include_usage) and [DONE] once all have finished. A failed choice
     ends the stream with its error (the others are cancelled)."""
     first = fan.reqs[0]
-    model, created = first.model, int(first.created_at)
-
-    def chunk(index: int, text: str | None = None, finish: str | None = None, role: bool = False) -> dict:
-        if kind == "chat":
-            return oa.chat_chunk(response_id, model, created, delta_text=text, role="assistant" if role else None,
-                                 finish_reason=finish, include_usage=include_usage, index=index)
-        return oa.completion_chunk(response_id, model, created, text=text or "", finish_reason=finish,
-                                   include_usage=include_usage, index=index)
-
     try:
         try:
-            if kind == "chat":
-                for index in range(len(fan.reqs)):
-                    yield _event(chunk(index, role=True))
+            for body in chunks.opening():
+                yield _event(body)
             async for item in fan.follow():
                 if item is None:
                     continue  # a quiet second; a gone client surfaces as cancellation of this generator
                 index, got = item
-                if isinstance(got, str):
-                    if got:
-                        yield _event(chunk(index, got))
+                if not isinstance(got, GenerationResult):
+                    for body in chunks.delta(index, got):
+                        yield _event(body)
                     continue
                 if got.status == "failed":
                     failure = _failure(got)
                     yield _event(envelope(failure.status, failure.message, code=failure.code))
                     break
-                yield _event(chunk(index, finish=_finish_reason(got)))
+                for body in chunks.finish(index, got):
+                    yield _event(body)
                 if fan.done:
-                    if include_usage:
+                    if chunks.include_usage:
                         prompt, completion, cached = usage_of(fan.results, n)
-                        yield _event(oa.usage_chunk(response_id, model, created, prompt, completion, kind=kind,
-                                                    cached_tokens=cached))
+                        yield _event(oa.usage_chunk(chunks.id, chunks.model, chunks.created, prompt, completion,
+                                                    kind=kind, cached_tokens=cached))
                     break
         except Exception as exc:  # noqa: BLE001 - the status is sent: the stream itself says what happened
             log.exception("stream of %s failed", first.id)

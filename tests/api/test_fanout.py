@@ -10,7 +10,7 @@ import redis.asyncio
 from api.fanout import FanOut, choice_seed, expand, usage_of
 from hotswap import keys
 from hotswap.protocol import GenerationRequest, GenerationResult, ModelTarget, SamplingSpec, TokenEvent
-from scheduler.aio import AsyncQueues
+from scheduler.aio import AsyncQueues, Delta
 from scheduler.queues import QueueFull, Queues
 
 BASE = "tiny"
@@ -108,10 +108,43 @@ def test_follow_interleaves_choices_and_ends_when_all_have(redis_url, redis_clie
         return fan, got
 
     fan, got = run(redis_url, body)
-    texts = [(i, x) for i, x in got if isinstance(x, str)]
+    texts = [(i, x.text) for i, x in got if isinstance(x, Delta)]
     assert sorted(texts) == [(0, "a0"), (2, "c0"), (2, "c1")]
     assert [x for i, x in texts if i == 2] == ["c0", "c1"]  # each choice in its own order
     assert fan.done and [r.text for r in fan.results] == ["t0", "t1", "t2"]
+
+
+def test_follow_passes_each_token_logprob_and_the_prompt_logprobs_once(redis_url, redis_client):
+    """Token logprobs are skipped by token offset as text is by character offset: a rerun after a
+    crash repeats nothing; a token whose text is held back still passes its logprob on."""
+    queues = Queues(redis_client, result_ttl_s=60)
+    req = make_req()
+
+    def push(attempt, offset, text, token, token_offset, prompt=None):
+        event = TokenEvent(attempt=attempt, offset=offset, text=text, token_ids=[token], token_offset=token_offset,
+                           logprobs=[(token, -1.0 / (token_offset + 1), [])], prompt_logprobs=prompt)
+        queues.redis.xadd(keys.output(req.id), {"event": event.model_dump_json(exclude_defaults=True)})
+
+    async def body(aq):
+        fan = FanOut(aq, [req])
+        await fan.submit(cap=0, tenant_cap=0)
+        attempts = claim_all(queues, [req])
+        prompt = [None, (2, -3.0, [(2, -3.0)]), (3, -0.5, [(3, -0.5)])]
+        push(1, 0, "", 5, 0, prompt)  # its text held back (a possible stop string)
+        push(1, 0, "ab", 6, 1)
+        push(2, 0, "", 5, 0, prompt)  # the rerun repeats the first two tokens ...
+        push(2, 0, "ab", 6, 1)
+        push(2, 2, "c", 7, 2)  # ... then goes on
+        assert queues.complete(result(req, text="abc"), "w1", attempts[req.id])
+        return [x async for item in fan.follow() if item is not None for _, x in [item]]
+
+    got = run(redis_url, body)
+    deltas = [x for x in got if isinstance(x, Delta)]
+    assert [d.text for d in deltas] == ["", "ab", "c"]
+    assert [d.logprobs for d in deltas] == [[(5, -1.0, [])], [(6, -0.5, [])], [(7, -1 / 3, [])]]
+    assert deltas[0].prompt_logprobs[0] is None and len(deltas[0].prompt_logprobs) == 3
+    assert [d.prompt_logprobs for d in deltas[1:]] == [None, None]
+    assert isinstance(got[-1], GenerationResult)
 
 
 def test_cancel_unfinished_stops_every_other_choice(redis_url, redis_client):
