@@ -1,8 +1,8 @@
 """The lines of a batch job's output and error files, and writing those files.
 
 A successful line carries the very body the live endpoint returns (built with the same
-`hotswap.openai_schemas` builders, `model` = the name the line used); a failed one the status and
-error envelope the live endpoint would have answered. See `scheduler/batchjobs/records.py` for what goes where.
+`hotswap.openai_schemas` builders and `hotswap.openai_logprobs.answer`, `model` = the name the line
+used); a failed one the status and error envelope the live endpoint would have answered. See `scheduler/batchjobs/records.py` for what goes where.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 
 from hotswap import keys
 from hotswap import openai_schemas as oa
+from hotswap.openai_logprobs import MissingLogprobs, answer
 from hotswap.protocol import FAILURE_STATUS, GenerationRequest, GenerationResult
 from scheduler.batchjobs.lines import error_body, new_line_id
 
@@ -25,15 +26,14 @@ def line_id(spec: GenerationRequest) -> str:
     return "batch_req_" + spec.id.removeprefix("req_")
 
 
-def success_line(spec: GenerationRequest, result: GenerationResult, kind: str) -> str:
+def success_line(spec: GenerationRequest, result: GenerationResult, kind: str, tokenizer=None) -> str:
+    """`tokenizer`: the served base model's, needed when the line asked for logprobs or echo
+    (`hotswap.openai_logprobs.needs_tokenizer`). MissingLogprobs if the result lacks asked-for logprobs."""
     hex_id = spec.id.removeprefix("req_")
-    finish = "length" if result.finish_reason == "length" else "stop"
-    if kind == "chat":
-        body = oa.chat_completion("chatcmpl-" + hex_id, spec.model, int(spec.created_at), result.text, finish,
-                                  result.prompt_tokens, result.completion_tokens, result.cached_tokens)
-    else:
-        body = oa.completion("cmpl-" + hex_id, spec.model, int(spec.created_at), result.text, finish,
-                             result.prompt_tokens, result.completion_tokens, result.cached_tokens)
+    got = answer(kind, spec, result, tokenizer)
+    build, prefix = (oa.chat_completion, "chatcmpl-") if kind == "chat" else (oa.completion, "cmpl-")
+    body = build(prefix + hex_id, spec.model, int(spec.created_at), got.text, got.finish_reason,
+                 result.prompt_tokens, result.completion_tokens, result.cached_tokens, logprobs=got.logprobs)
     return json.dumps({"id": line_id(spec), "custom_id": spec.custom_id,
                        "response": {"status_code": 200, "request_id": spec.id, "body": body}, "error": None})
 
@@ -59,10 +59,16 @@ def expired_line(spec: GenerationRequest) -> str:
     return unrun_line(spec.custom_id, "batch_expired", EXPIRED_MESSAGE, line_id(spec))
 
 
-def classify(spec: GenerationRequest, result: GenerationResult, kind: str, ending: str | None) -> tuple[str | None, str]:
+def classify(spec: GenerationRequest, result: GenerationResult, kind: str, ending: str | None,
+             tokenizer=None) -> tuple[str | None, str]:
     """Where a finished request goes: ("output" | "errors" | None, its line)."""
     if result.status == "completed":
-        return "output", success_line(spec, result, kind)
+        try:
+            return "output", success_line(spec, result, kind, tokenizer)
+        except MissingLogprobs as exc:  # a worker older than this scheduler ran it: say so, as the live API does
+            failed = result.model_copy(update={"status": "failed", "error": {
+                "code": "server_error", "message": f"{exc}: the worker that ran it does not report logprobs"}})
+            return "errors", failure_line(spec, failed)
     if result.status == "failed":
         return "errors", failure_line(spec, result)
     # cancelled: by a batch cancel (goes nowhere), by expiry, or by someone else

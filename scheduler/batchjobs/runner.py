@@ -36,6 +36,7 @@ import uuid
 from redis.exceptions import RedisError
 
 from hotswap.base_model import BaseModelMissing, ServedBase, load_served_base
+from hotswap.openai_logprobs import needs_tokenizer
 from scheduler.batchjobs.files import FileNotFound
 from hotswap.protocol import GenerationRequest, GenerationResult
 from hotswap.storage import StorageError
@@ -194,6 +195,14 @@ class JobRunner:
             self._base = load_served_base(self.settings)
         return served_model(self.redis, self._base)
 
+    def tokenizer(self):
+        """The served base model's tokenizer: lines that ask for logprobs or echo need it for their output."""
+        if self._served is not None:
+            return self._served.tokenizer
+        if self._base is None:
+            self._base = load_served_base(self.settings)
+        return self._base.tokenizer
+
     def _validate(self, record: JobRecord) -> JobRecord:
         try:
             served = self.served_model()
@@ -311,7 +320,8 @@ class JobRunner:
                 counts["failed"] += 1
                 continue
             spec, result = GenerationRequest.model_validate_json(spec), GenerationResult.model_validate_json(result)
-            where, line = classify(spec, result, record.kind, record.ending)
+            tokenizer = self.tokenizer() if needs_tokenizer(spec) else None
+            where, line = classify(spec, result, record.kind, record.ending, tokenizer)
             if where is None:
                 continue
             lines[where].append(line)
