@@ -123,7 +123,7 @@ def build_requests(body: ChatCompletionRequest | CompletionRequest, tenant: str,
     specs = [_spec(body, sampling, tokens, param, served.max_model_len) for param, tokens in prompts]
     return [GenerationRequest(tenant=tenant, base_model=served.base_model, model=body.model, target=target,
                               prompt_token_ids=tokens, sampling=spec, priority=priority, stream=bool(body.stream),
-                              batch_id=batch_id, custom_id=custom_id)
+                              batch_id=batch_id, custom_id=custom_id, echo=bool(getattr(body, "echo", False)))
             for (_, tokens), spec in zip(prompts, specs)]
 
 

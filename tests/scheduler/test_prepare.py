@@ -82,3 +82,21 @@ def test_any_unicode_prompt_is_served_or_refused_cleanly(demo_tokenizer, text, k
         assert exc.status == 400, exc.message
         return
     assert req.prompt_token_ids
+
+
+def test_logprobs_echo_and_max_tokens_0_reach_the_queued_request(served):
+    """What the worker and the answer need: the sampling spec's logprobs and prompt_logprobs, and
+    the request's echo; max_tokens 0 (echo only) is a spec of 0 the worker runs as one hidden token."""
+    def completion(**extra):
+        body = CompletionRequest.model_validate({"model": BASE, "prompt": [5, 6, 7], **extra})
+        return build_request(body, "acme", served, registry=None)
+
+    scoring = completion(echo=True, logprobs=1, max_tokens=0)
+    assert (scoring.echo, scoring.sampling.max_tokens, scoring.sampling.logprobs,
+            scoring.sampling.prompt_logprobs) == (True, 0, 1, 1)
+    plain = completion(logprobs=3)
+    assert (plain.echo, plain.sampling.max_tokens, plain.sampling.logprobs, plain.sampling.prompt_logprobs) == (
+        False, 16, 3, None)
+    asked = build_request(chat("Hi", logprobs=True, top_logprobs=4, max_tokens=3), "acme", served, registry=None)
+    assert (asked.echo, asked.sampling.logprobs, asked.sampling.prompt_logprobs) == (False, 4, None)
+    assert build_request(chat("Hi"), "acme", served, registry=None).sampling.logprobs is None
