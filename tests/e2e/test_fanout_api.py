@@ -104,8 +104,8 @@ def test_token_ids_are_used_as_sent(live_stack, demo_tokenizer):
     ({"prompt": "hi", "min_tokens": 20}, "min_tokens"),  # over the default max_tokens (16)
     ({"prompt": "hi", "min_tokens": 5, "max_tokens": 4}, "min_tokens"),
     ({"prompt": "hi", "stop_token_ids": [10**7]}, "stop_token_ids.0"),
-    ({"prompt": "hi", "logprobs": 1}, "logprobs"),  # still refused: not this change
-    ({"prompt": "hi", "echo": True}, "echo"),
+    ({"prompt": "hi", "logprobs": 6}, "logprobs"),  # OpenAI's legacy limit is 5
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),  # 0 only with echo
 ])
 def test_bad_prompts_and_controls_are_400s_naming_the_field(live_stack, body, param):
     waiting = Queues(live_stack.redis).waiting("realtime")
@@ -118,7 +118,7 @@ def test_bad_prompts_and_controls_are_400s_naming_the_field(live_stack, body, pa
 
 def test_chat_refusals_that_remain(live_stack):
     for extra, param in [({"response_format": {"type": "json_object"}}, "response_format"),
-                         ({"logprobs": True}, "logprobs"), ({"n": 9}, "n")]:
+                         ({"top_logprobs": 2}, "top_logprobs"), ({"n": 9}, "n")]:
         r = post(live_stack, "/v1/chat/completions", {"model": BASE, "messages": MESSAGES, **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
