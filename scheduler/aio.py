@@ -80,7 +80,7 @@ class AsyncQueues:
                         delta.text = event.text[max(0, sent[i] - event.offset):]
                         sent[i] = end
                     tokens_end = event.token_offset + len(event.logprobs or [])
-                    if tokens_end > sent_tokens[i]:
+                    if event.logprobs and tokens_end > sent_tokens[i]:
                         delta.logprobs = event.logprobs[max(0, sent_tokens[i] - event.token_offset):]
                         sent_tokens[i] = tokens_end
                     if event.prompt_logprobs is not None and not prompt_sent[i]:

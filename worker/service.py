@@ -268,7 +268,7 @@ class WorkerService:
                     prompt_logprobs = live.prompt_logprobs = [compact_logprob(e) for e in out.prompt_logprobs]
                 if live.req.stream and (text or token_ids or prompt_logprobs):
                     event = TokenEvent(attempt=live.attempt, offset=len(live.text), text=text, token_ids=token_ids,
-                                       logprobs=logprobs, token_offset=len(live.token_ids),
+                                       logprobs=logprobs, token_offset=len(live.token_ids) if logprobs else 0,
                                        prompt_logprobs=prompt_logprobs)
                     # exclude_defaults: a request without logprobs streams the events it always did
                     pipe.xadd(keys.output(live.req.id), {"event": event.model_dump_json(exclude_defaults=True)})

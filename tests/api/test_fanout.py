@@ -75,8 +75,8 @@ def claim_all(queues: Queues, reqs: list[GenerationRequest], worker="w1") -> dic
     return attempts
 
 
-def stream(queues: Queues, req: GenerationRequest, offset: int, text: str) -> None:
-    event = TokenEvent(attempt=1, offset=offset, text=text, token_ids=[1])
+def stream(queues: Queues, req: GenerationRequest, offset: int, text: str, token_offset: int = 0) -> None:
+    event = TokenEvent(attempt=1, offset=offset, text=text, token_ids=[1], token_offset=token_offset)
     queues.redis.xadd(keys.output(req.id), {"event": event.model_dump_json()})
 
 
@@ -100,7 +100,7 @@ def test_follow_interleaves_choices_and_ends_when_all_have(redis_url, redis_clie
         attempts = claim_all(queues, reqs)
         stream(queues, reqs[2], 0, "c0")
         stream(queues, reqs[0], 0, "a0")
-        stream(queues, reqs[2], 2, "c1")
+        stream(queues, reqs[2], 2, "c1", token_offset=1)  # a later token of a request without logprobs
         stream(queues, reqs[2], 0, "c0")  # a rerun after a crash repeats itself: skipped by offset
         for i in (1, 2, 0):
             assert queues.complete(result(reqs[i], text=f"t{i}"), "w1", attempts[reqs[i].id])
@@ -111,6 +111,7 @@ def test_follow_interleaves_choices_and_ends_when_all_have(redis_url, redis_clie
     texts = [(i, x.text) for i, x in got if isinstance(x, Delta)]
     assert sorted(texts) == [(0, "a0"), (2, "c0"), (2, "c1")]
     assert [x for i, x in texts if i == 2] == ["c0", "c1"]  # each choice in its own order
+    assert all(x.logprobs is None and x.prompt_logprobs is None for _, x in got if isinstance(x, Delta))
     assert fan.done and [r.text for r in fan.results] == ["t0", "t1", "t2"]
 
 
