@@ -61,6 +61,7 @@ class SamplingSpec(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     min_tokens: int = Field(default=0, ge=0)
     stop_token_ids: list[int] = Field(default_factory=list)
+    guided: dict | None = None  # structured output: hotswap.structured.GuidedSpec.as_dict()
 
 
 class GenerationRequest(BaseModel):

@@ -58,7 +58,7 @@ def test_chat_accepts(extra):
     req = ChatCompletionRequest.model_validate(chat(**extra))
     assert req.model == "base"
     # The harmless extras are dropped, never carried along.
-    assert not {"logprobs", "tools", "response_format"} & set(req.model_dump())
+    assert not {"logprobs", "tools"} & set(req.model_dump())
 
 
 @pytest.mark.parametrize("extra, names", [
@@ -70,8 +70,6 @@ def test_chat_accepts(extra):
     ({"logprobs": True}, ["logprobs"]),
     ({"logprobs": 0}, ["logprobs"]),  # not False: a bool was expected
     ({"top_logprobs": 3}, ["top_logprobs"]),
-    ({"response_format": {"type": "json_object"}}, ["response_format"]),
-    ({"response_format": {"type": "json_schema", "json_schema": {}}}, ["response_format"]),
     ({"modalities": ["text", "audio"]}, ["modalities"]),
     ({"prompt": "x"}, ["prompt"]),  # a completions field is unknown here
     ({"temprature": 0.5}, ["temprature"]),
@@ -194,7 +192,7 @@ def test_completion_refuses_by_name(extra, names):
 
 def test_to_sampling_defaults():
     off = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_tokens": 0,
-           "stop_token_ids": []}
+           "stop_token_ids": [], "guided": None}
     assert to_sampling(ChatCompletionRequest.model_validate(chat())) == {
         "max_tokens": None, "temperature": 1.0, "top_p": 1.0, "seed": None, "stop": [], **off}
     assert to_sampling(CompletionRequest.model_validate(comp(stop="\n", temperature=0, seed=3))) == {
