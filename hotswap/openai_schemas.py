@@ -5,7 +5,7 @@ other accepts too. Validation is strict (no "5" for 5, no true for 1) and closed
 do not implement is refused by name ("unsupported parameter(s): tools, logit_bias") rather than
 silently ignored, because a client that asks for tool calls or best_of=3 and gets something else
 back has a bug it cannot see. A few parameters are accepted when they ask for OpenAI's default
-behaviour (best_of=1, response_format={"type": "text"}, ...): clients and SDKs send those
+behaviour (best_of=1, tools=[], store=false, ...): clients and SDKs send those
 routinely, and honouring them is a no-op. They are dropped on validation.
 
 Log-probabilities: chat's `logprobs` / `top_logprobs` (0..20) and completions' `logprobs` (0..5) and
@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from hotswap.prompts import Prompt, PromptError, split_prompts
+from hotswap.structured import GuidedSpec
 
 __all__ = [
     "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "StreamOptions", "TextPart",
@@ -49,7 +50,7 @@ FinishReason = Literal["stop", "length"]
 _COMMON_IGNORED: dict[str, tuple[Any, ...]] = {"best_of": (1,), "logit_bias": ({},)}
 _IGNORED: dict[str, dict[str, tuple[Any, ...]]] = {
     "chat": {**_COMMON_IGNORED,
-             "response_format": ({"type": "text"},), "tools": ([],), "functions": ([],),
+             "tools": ([],), "functions": ([],),
              "tool_choice": ("none",), "function_call": ("none",), "parallel_tool_calls": (),
              "store": (False,), "metadata": ({},), "service_tier": ("auto", "default"),
              "modalities": (["text"],), "audio": (), "prediction": (), "reasoning_effort": (),
@@ -59,7 +60,6 @@ _IGNORED: dict[str, dict[str, tuple[Any, ...]]] = {
 # What would work instead, appended to the message.
 _HINTS = {
     "best_of": "best_of must be 1",
-    "response_format": 'only response_format {"type": "text"}',
 }
 
 
@@ -188,6 +188,23 @@ class _Sampling(_Strict):
     repetition_penalty: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
     min_tokens: int | None = Field(default=None, ge=0)
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    # Structured output: {"type": "text" | "json_object" | "json_schema", ...} (hotswap/structured.py);
+    # completions take it too, as vLLM's do.
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _check_response_format(cls, value: dict | None) -> dict | None:
+        try:
+            GuidedSpec.from_response_format(value)
+        except ValueError as exc:  # names the field and what to change
+            raise PydanticCustomError("invalid_response_format", "{message}",
+                                      {"param": "response_format", "message": str(exc)}) from None
+        return value
+
+    @property
+    def guided(self) -> GuidedSpec | None:
+        return GuidedSpec.from_response_format(self.response_format)
 
     @field_validator("stop")
     @classmethod
@@ -211,6 +228,13 @@ class _Sampling(_Strict):
         if self.min_tokens is not None and limit is not None and self.min_tokens > limit:
             raise PydanticCustomError("min_tokens", "min_tokens: must not exceed the completion token limit ({limit}), "
                                       "got {min}", {"param": "min_tokens", "min": self.min_tokens, "limit": limit})
+        return self
+
+    @model_validator(mode="after")
+    def _structured_output_decides_the_end(self):
+        if self.min_tokens and self.response_format and self.response_format.get("type") != "text":
+            raise PydanticCustomError("min_tokens", "min_tokens cannot be combined with a structured response_format: "
+                                      "the JSON's grammar decides where the output ends", {"param": "min_tokens"})
         return self
 
     @property
@@ -291,6 +315,7 @@ def to_sampling(req: ChatCompletionRequest | CompletionRequest) -> dict:
             "repetition_penalty": 1.0 if req.repetition_penalty is None else req.repetition_penalty,
             "min_tokens": req.min_tokens or 0,
             "stop_token_ids": list(req.stop_token_ids or []),
+            "guided": req.guided.as_dict() if req.guided else None,
             **_logprobs(req)}
 
 

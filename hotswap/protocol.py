@@ -69,6 +69,7 @@ class SamplingSpec(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     min_tokens: int = Field(default=0, ge=0)
     stop_token_ids: list[int] = Field(default_factory=list)
+    guided: dict | None = None  # structured output: hotswap.structured.GuidedSpec.as_dict()
     # Log-probabilities of the raw logits: None = off; k = each token's own plus its top k alternatives.
     logprobs: int | None = Field(default=None, ge=0, le=20)  # per generated token
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # per prompt token (the first has none)

@@ -1,8 +1,9 @@
 """What a request's structured output must be: any JSON object, or JSON matching a JSON Schema.
 
-Torch-free and dependency-free (stdlib json), so the API can build and shape-check the constraint
-from an OpenAI `response_format` without the worker's packages; the worker's engine compiles it with
-xgrammar (worker/engine/grammar.py), which is where an unsupported schema feature is found.
+Torch-free and dependency-free (stdlib json), so the API can build and check the constraint from an
+OpenAI `response_format` without the worker's packages: `from_response_format` refuses what the
+engine cannot enforce (hotswap/schema_support.py) before the request is queued; the worker's engine
+compiles it with xgrammar (worker/engine/grammar.py).
 
     spec = GuidedSpec.from_response_format({"type": "json_schema",
                                             "json_schema": {"name": "person", "schema": {...}}})
@@ -20,6 +21,8 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Any
+
+from hotswap.schema_support import unsupported_feature
 
 KINDS = ("json_object", "json_schema")
 MAX_SCHEMA_CHARS = 256 * 1024  # canonical JSON text; far above any real response schema
@@ -76,7 +79,12 @@ class GuidedSpec:
             raise ValueError("response_format.json_schema.strict must be a boolean")
         if body.get("schema") is None:
             raise ValueError("response_format.json_schema.schema is required")
-        return cls.json_schema(body["schema"])
+        spec = cls.json_schema(body["schema"])
+        problem = unsupported_feature(json.loads(spec.schema))
+        if problem:  # refused here, before queueing, rather than ignored by the grammar engine
+            where, what = problem
+            raise ValueError(f"response_format.json_schema.schema{'.' + where if where else ''}: {what}")
+        return spec
 
     @property
     def key(self) -> str:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from hotswap import keys
 from hotswap.metrics import MetricsBuffer, record_finished
 from hotswap.protocol import GenerationRequest, GenerationResult, LogprobEntry, SamplingSpec, TokenEvent
+from hotswap.structured import GuidedSpec
 from scheduler.queues import Queues
 from scheduler.workers import WorkerInfo, deregister, heartbeat, rejoin
 from worker.engine.errors import RequestRejected
@@ -39,7 +40,7 @@ log = logging.getLogger("hotswap.worker")
 
 # SamplingSpec fields handed to the engine's SamplingParams under the same names.
 _OUTPUT_CONTROLS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "stop_token_ids",
-                    "logprobs", "prompt_logprobs")
+                    "guided", "logprobs", "prompt_logprobs")
 _LOWEST_LOGPROB = -9999.0  # what -inf (and NaN) is reported as: JSON has no infinities (vLLM and OpenAI do the same)
 
 
@@ -241,6 +242,8 @@ class WorkerService:
         missing = sorted(set(asked) - {f.name for f in fields(SamplingParams)})
         if missing:
             raise ValueError(f"this worker's engine does not support {', '.join(missing)}")
+        if "guided" in asked:
+            asked["guided"] = GuidedSpec(**asked["guided"])
         return SamplingParams(max_tokens=max(1, s.max_tokens), temperature=s.temperature, top_p=s.top_p,
                               top_k=s.top_k, seed=s.seed, stop=list(s.stop), ignore_eos=s.ignore_eos, **asked)
 

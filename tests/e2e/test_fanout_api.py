@@ -117,7 +117,8 @@ def test_bad_prompts_and_controls_are_400s_naming_the_field(live_stack, body, pa
 
 
 def test_chat_refusals_that_remain(live_stack):
-    for extra, param in [({"response_format": {"type": "json_object"}}, "response_format"),
+    unenforceable = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"const": 1}}}}
+    for extra, param in [({"response_format": unenforceable}, "response_format"),
                          ({"top_logprobs": 2}, "top_logprobs"), ({"n": 9}, "n")]:
         r = post(live_stack, "/v1/chat/completions", {"model": BASE, "messages": MESSAGES, **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
@@ -133,6 +134,36 @@ def test_greedy_n_gives_identical_choices(client):
     assert three.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once
     assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
     assert three.usage.prompt_tokens_details.cached_tokens <= three.usage.prompt_tokens
+
+
+def _prefix_cache_samples(live_stack) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(live_stack.url + "/metrics", timeout=30).text
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name.startswith("hotswap:prefix_cache_") and s.labels == {"base": BASE}}
+
+
+def test_n_choices_prefill_their_prompt_once(live_stack, client, demo_tokenizer):
+    """The engine counts prompt tokens looked up and found in the prefix cache: with n=4, the
+    prompt's full blocks are computed by one choice and found by the three others (the engine holds a
+    sibling back one step rather than compute a block another sequence is computing)."""
+    prompt = f"Run {time.time_ns()}: " + "List the steps to reset a password on the support portal. " * 6
+    n = len(demo_tokenizer.encode(prompt))
+    full = (n - 1) // 16 * 16  # the engine's 16-token blocks; the last prompt token is always computed
+    time.sleep(2.5)  # earlier requests are finished and flushed (heartbeat_s = 1)
+    before = _prefix_cache_samples(live_stack)
+    out = client.completions.create(model=BASE, prompt=prompt, max_tokens=4, temperature=0, n=4)
+    assert len({c.text for c in out.choices}) == 1
+    deadline = time.monotonic() + 10
+    while True:  # workers flush their counters with each heartbeat
+        after = _prefix_cache_samples(live_stack)
+        grown = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        if grown.get("hotswap:prefix_cache_queries_total", 0) >= 4 * n or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert grown["hotswap:prefix_cache_queries_total"] == 4 * n
+    assert grown["hotswap:prefix_cache_hits_total"] == 3 * full > 0  # computed once, found three times
 
 
 def test_seeded_n_differs_and_reproduces(client):

@@ -58,7 +58,7 @@ def test_chat_accepts(extra):
     req = ChatCompletionRequest.model_validate(chat(**extra))
     assert req.model == "base"
     # The harmless extras are dropped, never carried along.
-    assert not {"tools", "response_format"} & set(req.model_dump())
+    assert not {"tools"} & set(req.model_dump())
 
 
 @pytest.mark.parametrize("extra, names", [
@@ -67,8 +67,6 @@ def test_chat_accepts(extra):
     ({"functions": [{"name": "f"}]}, ["functions"]),
     ({"tool_choice": "auto"}, ["tool_choice"]),
     ({"best_of": 3}, ["best_of"]),
-    ({"response_format": {"type": "json_object"}}, ["response_format"]),
-    ({"response_format": {"type": "json_schema", "json_schema": {}}}, ["response_format"]),
     ({"modalities": ["text", "audio"]}, ["modalities"]),
     ({"prompt": "x"}, ["prompt"]),  # a completions field is unknown here
     ({"temprature": 0.5}, ["temprature"]),
@@ -189,7 +187,7 @@ def test_completion_refuses_by_name(extra, names):
 
 def test_to_sampling_defaults():
     off = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_tokens": 0,
-           "stop_token_ids": [], "logprobs": None, "prompt_logprobs": None}
+           "stop_token_ids": [], "guided": None, "logprobs": None, "prompt_logprobs": None}
     assert to_sampling(ChatCompletionRequest.model_validate(chat())) == {
         "max_tokens": None, "temperature": 1.0, "top_p": 1.0, "seed": None, "stop": [], **off}
     assert to_sampling(CompletionRequest.model_validate(comp(stop="\n", temperature=0, seed=3))) == {

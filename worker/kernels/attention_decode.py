@@ -62,14 +62,19 @@ def paged_decode_attention_reference(
     blocks = torch.where((ctx == 0)[:, None], 0, blocks)  # an empty context's table may hold anything
     slots = (blocks * block_size + torch.where(pad, 0, pos[None, :] % block_size)).flatten()  # [S*T]
 
-    def gather(cache: torch.Tensor) -> torch.Tensor:  # -> [S, KVH, T, D] float32 (a strided view)
+    # SDPA runs in the cache's dtype when q has it too: CPU bf16 SDPA accumulates in fp32 inside (as
+    # transformers' bf16 attention does), and converting the gathered K/V to fp32 first cost more
+    # than the attention itself. Mixed dtypes run in fp32.
+    dtype = q.dtype if q.dtype == k_cache.dtype else torch.float32
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:  # -> [S, KVH, T, D] (a strided view)
         rows = cache.view(-1, num_kv_heads * head_dim).index_select(0, slots)  # [S*T, KVH*D]
-        return rows.float().view(num_seqs, max_ctx, num_kv_heads, head_dim).transpose(1, 2)
+        return rows.to(dtype).view(num_seqs, max_ctx, num_kv_heads, head_dim).transpose(1, 2)
 
     # A kv head's GQA group of query heads rides as its "query rows", so each K/V row is read once.
-    qf = q.float().reshape(num_seqs, num_kv_heads, group, head_dim)  # [S, KVH, G, D]
+    qh = q.to(dtype).reshape(num_seqs, num_kv_heads, group, head_dim)  # [S, KVH, G, D]
     visible = ~pad[:, None, None, :]  # [S, 1, 1, T]; True = attend
-    out = F.scaled_dot_product_attention(qf, gather(k_cache), gather(v_cache), attn_mask=visible, scale=scale)
+    out = F.scaled_dot_product_attention(qh, gather(k_cache), gather(v_cache), attn_mask=visible, scale=scale)
     if bool((ctx == 0).any()):
         out[ctx == 0] = 0.0  # empty contexts: nothing visible -> nan; defined as zeros
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)

@@ -36,10 +36,14 @@ def store_kv_reference(
     keep = slots >= 0
     if not bool(keep.all()):
         slots, key, value = slots[keep], key[keep], value[keep]
-    # Index (block, offset) rather than flattening so non-contiguous caches are written in place.
-    blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = key.to(k_cache.dtype)
-    v_cache[blocks, offsets] = value.to(v_cache.dtype)
+    for src, cache in ((key, k_cache), (value, v_cache)):
+        if cache.is_contiguous():
+            # One row copy per token into the flat [slots, KVH*D] view: index_put on (block, offset)
+            # took 20-800 us per layer on a Zen 4 (bf16 the slowest), index_copy_ 5-40 us.
+            width = cache.shape[2] * cache.shape[3]
+            cache.view(-1, width).index_copy_(0, slots, src.reshape(-1, width).to(cache.dtype))
+        else:  # (block, offset) indexing writes a non-contiguous cache in place
+            cache[slots // block_size, slots % block_size] = src.to(cache.dtype)
 
 
 @jit
