@@ -22,7 +22,7 @@ import torch
 
 # aten op name -> the part of a step it belongs to (first match wins; the rest is "other")
 CATEGORIES = (
-    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::_mkl_linear", "aten::matmul", "mkl::")),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::_mkl_linear", "aten::matmul", "mkl::", "mkldnn::")),
     ("attention", ("aten::_scaled_dot_product", "aten::index_select", "aten::gather", "aten::index_put",
                    "aten::_flash_attention", "aten::_efficient_attention")),
 )
