@@ -81,6 +81,7 @@ class LLMEngine:
         self.config = config
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.device)
+        self.kv_dtype = config.kv_torch_dtype(self.device, self.dtype)
         model_dir = Path(config.model)
         self.model = load_model(model_dir, self.dtype, self.device)
         self.model.prepack()
@@ -107,7 +108,7 @@ class LLMEngine:
         self.prefix_cache = PrefixCache(self.blocks, self._weights_of) if config.enable_prefix_caching else None
         self.batcher = Batcher(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, self.lora_slots,
                                self.prefix_cache)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, lora_runtime)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, lora_runtime, self.kv_dtype)
         model_len = config.max_model_len or min(self.model_config.max_position, _MAX_DEFAULT_MODEL_LEN)
         # A request must fit the cache on its own, or preemption could never make room for it.
         self.max_model_len = min(model_len, num_blocks * config.block_size)
@@ -129,7 +130,7 @@ class LLMEngine:
                           self.config.cpu_tuning_cache)
 
     def _auto_num_blocks(self) -> int:
-        per_block = ModelRunner.kv_bytes_per_block(self.model, self.config.block_size, self.dtype)
+        per_block = ModelRunner.kv_bytes_per_block(self.model, self.config.block_size, self.kv_dtype)
         if self.device.type != "cuda":
             return max(1, int(self.config.kv_cache_gb * 2**30) // per_block)
         free, total = torch.cuda.mem_get_info(self.device)

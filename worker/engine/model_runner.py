@@ -29,18 +29,20 @@ class StepLogits:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, lora=None):
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, lora=None,
+                 kv_dtype: torch.dtype | None = None):
         cfg = model.config
         self.model = model
         self.lora = lora  # LoraRuntime when adapters are enabled
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
+        self.kv_dtype = kv_dtype or self.dtype  # see EngineConfig.kv_cache_dtype
         self.block_size = block_size
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         # One (k, v) pair of [num_blocks, block_size, num_kv_heads, head_dim] per layer.
         self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+             torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
             for _ in range(cfg.num_layers)
         ]
 
