@@ -8,6 +8,7 @@ import torch
 
 from worker.kernels.attention_decode import (
     _auto_num_splits,
+    length_groups,
     paged_decode_attention,
     paged_decode_attention_reference,
 )
@@ -24,6 +25,7 @@ CASES = [
     ([5, 17], 4, 1, 64, 16, 8, None),  # more splits than blocks: empty splits
     ([97, 3], 4, 2, 128, 8, None, 64),  # block 8; auto splits (wide table -> splits > 1)
     ([40], 3, 1, 80, 16, 2, None),  # head_dim not a power of two
+    ([3, 300, 40, 250, 7, 180, 90, 12, 0], 6, 2, 64, 16, None, None),  # spread: the CPU path groups by length
 ]
 IDS = [f"ctx{c[0]}-h{c[1]}-kv{c[2]}-d{c[3]}-bs{c[4]}-sp{c[5]}" for c in CASES]
 
@@ -61,6 +63,18 @@ def test_reference_matches_naive(case, make_paged):
                                            paged.context_lens, scale)
     assert out.dtype == q.dtype and out.shape == q.shape
     torch.testing.assert_close(out.cpu(), _naive_decode(q, paged, scale), **TOL)
+
+
+def test_length_groups_split_spread_batches_and_keep_even_ones_whole():
+    assert length_groups((100,) * 16) == (tuple(range(16)),)  # nothing to gain from a split
+    assert length_groups((5,)) == ((0,),)
+    lens = (3, 300, 40, 250, 7, 180, 90, 12, 0)
+    groups = length_groups(lens)
+    assert len(groups) > 1 and sorted(i for g in groups for i in g) == list(range(len(lens)))
+    longest = [max(lens[i] for i in g) for g in groups]
+    assert longest == sorted(longest)  # contiguous in length order
+    padded = sum(len(g) * m for g, m in zip(groups, longest))
+    assert padded + 64 * len(groups) < len(lens) * max(lens) + 64  # cheaper than one padded gather
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
