@@ -161,6 +161,7 @@ def test_bf16_greedy_matches_transformers_bf16_or_diverges_at_a_near_tie(bf16_en
     params = SamplingParams(max_tokens=BF16_TOKENS, temperature=0.0, ignore_eos=True, return_logits=True)
     results = bf16_engine.generate(prompts, params)
     assert bf16_engine.dtype == torch.bfloat16 and all(r.logits[0].dtype == torch.float32 for r in results)
+    assert bf16_engine.runner.kv_caches[0][0].dtype == torch.float32  # the CPU's default KV cache dtype
     worst, divergences = 0.0, []
     for ids, res in zip(prompts, results):
         hf_tokens, hf_logits = hf_greedy(hf, ids, BF16_TOKENS)

@@ -40,6 +40,16 @@ def test_cpu_default_dtype_follows_native_bf16(monkeypatch, native, dtype):
     assert EngineConfig(model="m", device="cpu", dtype="float32").torch_dtype(cpu) == torch.float32
 
 
+def test_kv_cache_dtype_is_fp32_on_the_cpu_unless_asked():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = EngineConfig(model="m", device="cpu")
+    assert auto.kv_torch_dtype(cpu, torch.bfloat16) == torch.float32  # the CPU's bf16 attention is slow
+    assert auto.kv_torch_dtype(cuda, torch.bfloat16) == torch.bfloat16
+    assert EngineConfig(model="m", kv_cache_dtype="bfloat16").kv_torch_dtype(cpu, torch.bfloat16) == torch.bfloat16
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, float32"):
+        EngineConfig(model="m", kv_cache_dtype="fp8").kv_torch_dtype(cpu, torch.float32)
+
+
 def test_cpu_facts_are_json_ready():
     import json
 
