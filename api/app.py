@@ -41,7 +41,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = Registry(app.state.redis, app.state.store)
         app.state.files = FileCatalog(app.state.redis, app.state.store)
         app.state.jobs = JobStore(app.state.redis, window_s=settings.batch_completion_window_s)
-        app.state.aredis = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=30)
+        # A blocking pool: when every connection is in use (one per in-flight request's read), a call
+        # waits for one rather than failing the request with "Too many connections" (redis-py's plain
+        # pool raises at its cap, 100 by default since redis-py 8).
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=settings.api_redis_connections, timeout=30, socket_timeout=30)
+        app.state.aredis = redis.asyncio.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         app.state.aqueues = AsyncQueues(app.state.aredis, result_ttl_s=settings.result_ttl_s)
         try:  # the API tokenizes; it never loads weights. Missing files: generation answers 503
             app.state.served_base = load_served_base(settings)

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
 
     # Redis and object storage
     redis_url: str = Field(default="redis://127.0.0.1:6379/0")
+    api_redis_connections: int = Field(default=1024, ge=8, description=(
+        "Redis connections one API process may open for streams and queue calls; past it a call waits "
+        "for a free one (up to 30 s) instead of failing. Every in-flight request holds one while it waits "
+        "for output (a blocking read of at most 1 s)."))
     storage_url: str | None = Field(default=None, description="s3://bucket/prefix or file:///dir (default: file://DATA_DIR/storage).")
     s3_endpoint_url: str | None = Field(default=None, description="For MinIO or other S3-compatible servers.")
     s3_region: str = "us-east-1"
