@@ -33,7 +33,8 @@ def paged_decode_attention_reference(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float, num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Torch version (also the CPU path): whole batch at once, gathered up to the longest context.
+    """Torch version (also the CPU path): the sequences in 1-4 groups of similar context length
+    (`length_groups`), each group's K/V gathered up to its own longest context, one SDPA per group.
 
     num_splits is accepted for signature parity and ignored. A context_len of 0 gives zeros.
     """
